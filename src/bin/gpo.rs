@@ -1,0 +1,330 @@
+//! `gpo`: the command line for humans. Subcommands: demo, generate, eval, tasks, bench, info.
+
+use clap::{Args, Parser, Subcommand};
+use gpo::engine::{Engine, EngineConfig, GenerateRequest, KvMode, Prompt, SamplingParams, StepConfig};
+use gpo::eval::{evaluate, EvalConfig};
+use gpo::task::{self, arith::ArithConfig, Task};
+use gpo::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "gpo",
+    version,
+    about = "Guided Pivotal Optimization: critical-step RL fine-tuning on llama.cpp + candle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate and evaluate on the built-in arithmetic task with the default model.
+    Demo {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Number of held-out problems.
+        #[arg(long, default_value_t = 20)]
+        n: usize,
+    },
+    /// Sample completions for one prompt and print them with steps and log-probs.
+    Generate {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// The prompt (a user message, through the chat template unless --raw).
+        #[arg(long)]
+        prompt: String,
+        /// Send the prompt as raw text, without the chat template.
+        #[arg(long)]
+        raw: bool,
+        /// Number of samples.
+        #[arg(short, long, default_value_t = 1)]
+        n: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Print JSON lines (one trajectory each) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accuracy (greedy, optionally pass@k) on a JSONL task file or generated problems.
+    Eval {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        tasks: TaskArgs,
+        /// LoRA adapter (GGUF) to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Samples per task for pass@k (0 = greedy only).
+        #[arg(long, default_value_t = 0)]
+        k: usize,
+        /// Tokens per answer.
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// Write per-task results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write generated arithmetic problems as JSONL to stdout.
+    Tasks {
+        #[command(flatten)]
+        tasks: TaskArgs,
+    },
+    /// Benchmarks that print ratios against a baseline measured in the same process.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+    /// Print what the model is and how the engine would run it.
+    Info {
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Rollout engine vs a raw llama.cpp C-API loop on the same workload.
+    Rollout(gpo::bench::RolloutArgs),
+}
+
+#[derive(Args, Clone)]
+struct EngineArgs {
+    /// GGUF model (default: the cached SmolLM2-135M-Instruct Q4_1).
+    #[arg(long, global = true)]
+    model: Option<PathBuf>,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
+    /// Layers on the GPU (-1 = all).
+    #[arg(long, default_value_t = -1)]
+    gpu_layers: i32,
+    /// Total KV cells.
+    #[arg(long, default_value_t = 8192)]
+    ctx: u32,
+    /// Parallel sequences.
+    #[arg(long, default_value_t = 16)]
+    parallel: u32,
+    /// KV layout: unified or per-sequence.
+    #[arg(long, default_value = "unified")]
+    kv: KvMode,
+}
+
+impl EngineArgs {
+    fn config(&self) -> Result<EngineConfig> {
+        let model = match &self.model {
+            Some(p) => p.clone(),
+            None => gpo::models::default_model()?,
+        };
+        Ok(EngineConfig {
+            model,
+            n_threads: self.threads,
+            n_gpu_layers: self.gpu_layers,
+            n_ctx: self.ctx,
+            n_parallel: self.parallel,
+            kv_mode: self.kv,
+            ..Default::default()
+        })
+    }
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: i32,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Tokens per sample.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            seed: self.seed,
+            ignore_eog: false,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct TaskArgs {
+    /// JSONL task file ({"prompt": …, "answer": …} per line); default: generated problems.
+    #[arg(long)]
+    tasks: Option<PathBuf>,
+    /// Number of generated problems.
+    #[arg(long, default_value_t = 50)]
+    count: usize,
+    /// Operations per generated problem.
+    #[arg(long, default_value_t = 2)]
+    steps: usize,
+    /// Largest operand of generated problems.
+    #[arg(long, default_value_t = 10)]
+    max_operand: u32,
+    /// Allow doubling/tripling steps.
+    #[arg(long)]
+    multiply: bool,
+    /// Seed of generated problems (held-out sets use a different seed than training).
+    #[arg(long, default_value_t = 1_000_003)]
+    task_seed: u64,
+}
+
+impl TaskArgs {
+    fn load(&self) -> Result<Vec<Task>> {
+        match &self.tasks {
+            Some(p) => task::load_jsonl(p),
+            None => ArithConfig {
+                steps: self.steps,
+                max_operand: self.max_operand,
+                multiply: self.multiply,
+                ..Default::default()
+            }
+            .generate(self.count, self.task_seed),
+        }
+    }
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} ({elapsed})")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn run_eval(engine: &Engine, tasks: &[Task], cfg: &EvalConfig) -> Result<gpo::eval::EvalReport> {
+    let pb = bar(tasks.len(), "evaluating");
+    let report = evaluate(engine, tasks, cfg, |done| pb.set_position(done as u64))?;
+    pb.finish_and_clear();
+    Ok(report)
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GPO_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(match e {
+            Error::Invalid { .. } | Error::PromptTooLong { .. } => 2,
+            _ => 1,
+        });
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Demo { engine, n } => {
+            let cfg = engine.config()?;
+            eprintln!("model: {}", cfg.model.display());
+            let engine = Engine::start(cfg)?;
+            let tasks = ArithConfig::default().generate(n, 1_000_003)?;
+            println!("Problem: {}\n", tasks[0].prompt);
+            let sp = SamplingParams { temperature: 0.8, max_tokens: 160, seed: 1, ..Default::default() };
+            let samples = engine.generate(GenerateRequest::new(Prompt::user(&tasks[0].prompt), 2, sp))?;
+            for (i, t) in samples.iter().enumerate() {
+                println!(
+                    "--- sample {i}: {} steps, {} tokens, log-prob {:.2}, reward {}",
+                    t.steps.len(),
+                    t.tokens.len(),
+                    t.total_logprob(),
+                    gpo::reward::number::score(&t.text, &tasks[0].answer)
+                );
+                for (k, s) in t.steps.iter().enumerate() {
+                    println!("  [{k}] {}", engine.model().detokenize(&t.tokens[s.start..s.end]).trim_end());
+                }
+            }
+            let report = run_eval(&engine, &tasks, &EvalConfig { max_tokens: 160, k: 4, temperature: 0.8, seed: 7 })?;
+            println!(
+                "\nheld-out accuracy on {} generated problems: greedy {:.1}%, pass@4 {:.1}%, mean sample accuracy {:.1}%",
+                report.tasks,
+                100.0 * report.greedy_accuracy,
+                100.0 * report.pass_at_k,
+                100.0 * report.sample_accuracy
+            );
+        }
+        Cmd::Generate { engine, prompt, raw, n, sampling, json } => {
+            let engine = Engine::start(engine.config()?)?;
+            let prompt = if raw { Prompt::Raw(prompt) } else { Prompt::user(prompt) };
+            let mut req = GenerateRequest::new(prompt, n, sampling.params());
+            req.steps = StepConfig::default();
+            for t in engine.generate(req)? {
+                if json {
+                    println!("{}", serde_json::to_string(&t).expect("trajectory serialises"));
+                } else {
+                    println!(
+                        "=== sample {} ({:?}, {} tokens, {} steps, log-prob {:.3})",
+                        t.index,
+                        t.finish,
+                        t.tokens.len(),
+                        t.steps.len(),
+                        t.total_logprob()
+                    );
+                    println!("{}", t.text);
+                }
+            }
+        }
+        Cmd::Eval { engine, tasks, adapter, k, max_tokens, out } => {
+            let engine = Engine::start(engine.config()?)?;
+            if let Some(a) = adapter {
+                engine.set_adapter(a, 1.0)?;
+            }
+            let tasks = tasks.load()?;
+            let report = run_eval(&engine, &tasks, &EvalConfig { max_tokens, k, ..Default::default() })?;
+            println!("tasks {}  greedy accuracy {:.1}%", report.tasks, 100.0 * report.greedy_accuracy);
+            if k > 0 {
+                println!(
+                    "pass@{k} {:.1}%  sample accuracy {:.1}%",
+                    100.0 * report.pass_at_k,
+                    100.0 * report.sample_accuracy
+                );
+            }
+            if let Some(p) = out {
+                std::fs::write(&p, serde_json::to_string_pretty(&report).expect("report serialises"))
+                    .map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        Cmd::Tasks { tasks } => {
+            for t in tasks.load()? {
+                println!("{}", serde_json::to_string(&t).expect("task serialises"));
+            }
+        }
+        Cmd::Bench { which } => match which {
+            BenchCmd::Rollout(args) => gpo::bench::rollout(&args)?,
+        },
+        Cmd::Info { engine } => {
+            let cfg = engine.config()?;
+            let engine = Engine::start(cfg)?;
+            println!("{}", serde_json::to_string_pretty(engine.info()).expect("info serialises"));
+            println!("llama.cpp {} | {}", gpo::llama::version(), gpo::llama::system_info().trim());
+        }
+    }
+    Ok(())
+}

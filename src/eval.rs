@@ -1,0 +1,112 @@
+//! Accuracy of a model (with its current adapter) on a task set: greedy and pass@k.
+
+use crate::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
+use crate::reward::number;
+use crate::task::Task;
+use crate::Result;
+use serde::{Deserialize, Serialize};
+
+/// How to evaluate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvalConfig {
+    /// Tokens per answer.
+    pub max_tokens: usize,
+    /// Samples per task for pass@k (0 = greedy only).
+    pub k: usize,
+    /// Temperature of the pass@k samples.
+    pub temperature: f32,
+    /// Seed of the pass@k samples.
+    pub seed: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { max_tokens: 256, k: 0, temperature: 1.0, seed: 0 }
+    }
+}
+
+/// Result of one task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// The greedy answer text.
+    pub greedy: String,
+    /// Whether the greedy answer is correct.
+    pub greedy_correct: bool,
+    /// Correct samples among the k (pass@k).
+    pub k_correct: usize,
+}
+
+/// Aggregate accuracy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Tasks evaluated.
+    pub tasks: usize,
+    /// Greedy accuracy in [0, 1].
+    pub greedy_accuracy: f64,
+    /// k used for pass@k (0 = not measured).
+    pub k: usize,
+    /// Unbiased pass@k estimate with n = k samples (fraction of tasks with ≥ 1 correct sample).
+    pub pass_at_k: f64,
+    /// Mean fraction of correct samples (pass@1 estimated from the k samples).
+    pub sample_accuracy: f64,
+    /// Per-task results, in input order.
+    pub results: Vec<TaskResult>,
+}
+
+/// Evaluates `tasks` on `engine`; all requests are submitted at once so they share batches.
+/// `progress` is called with the number of finished tasks.
+pub fn evaluate(
+    engine: &Engine,
+    tasks: &[Task],
+    cfg: &EvalConfig,
+    mut progress: impl FnMut(usize),
+) -> Result<EvalReport> {
+    let greedy: Vec<_> = tasks
+        .iter()
+        .map(|t| {
+            engine.submit(GenerateRequest::new(Prompt::user(&t.prompt), 1, SamplingParams::greedy(cfg.max_tokens)))
+        })
+        .collect::<Result<_>>()?;
+    let sampled: Vec<_> = if cfg.k > 0 {
+        tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let sp = SamplingParams {
+                    temperature: cfg.temperature,
+                    max_tokens: cfg.max_tokens,
+                    seed: cfg.seed.wrapping_add(i as u64 * 7919),
+                    ..Default::default()
+                };
+                engine.submit(GenerateRequest::new(Prompt::user(&t.prompt), cfg.k, sp)).map(Some)
+            })
+            .collect::<Result<_>>()?
+    } else {
+        tasks.iter().map(|_| None).collect()
+    };
+    let mut results = Vec::with_capacity(tasks.len());
+    for (i, ((task, g), s)) in tasks.iter().zip(greedy).zip(sampled).enumerate() {
+        let g = g.wait()?.remove(0);
+        let greedy_correct = number::score(&g.text, &task.answer) > 0.0;
+        let k_correct = match s {
+            Some(h) => h.wait()?.iter().filter(|t| number::score(&t.text, &task.answer) > 0.0).count(),
+            None => 0,
+        };
+        results.push(TaskResult { greedy: g.text, greedy_correct, k_correct });
+        progress(i + 1);
+    }
+    let n = results.len().max(1) as f64;
+    Ok(EvalReport {
+        tasks: results.len(),
+        greedy_accuracy: results.iter().filter(|r| r.greedy_correct).count() as f64 / n,
+        k: cfg.k,
+        pass_at_k: if cfg.k > 0 { results.iter().filter(|r| r.k_correct > 0).count() as f64 / n } else { 0.0 },
+        sample_accuracy: if cfg.k > 0 {
+            results.iter().map(|r| r.k_correct as f64 / cfg.k as f64).sum::<f64>() / n
+        } else {
+            0.0
+        },
+        results,
+    })
+}

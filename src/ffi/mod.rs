@@ -1,0 +1,170 @@
+//! The C ABI (`libgpo.so`, `include/gpo.h`). Every function catches panics at the boundary and
+//! reports failures as a [`GpoStatus`] with a thread-local message from [`gpo_last_error`].
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CString};
+
+/// Result code of every fallible gpo call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpoStatus {
+    /// Success.
+    GpoOk = 0,
+    /// An argument was NULL or out of range.
+    GpoInvalidArgument = 1,
+    /// A file was missing or unreadable.
+    GpoIoError = 2,
+    /// A model or adapter was rejected.
+    GpoModelError = 3,
+    /// The call was cancelled.
+    GpoCancelled = 4,
+    /// A Rust panic was caught at the boundary (a bug in gpo; please report it).
+    GpoPanic = 5,
+    /// Anything else; see gpo_last_error().
+    GpoInternalError = 6,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+/// Records `msg` as this thread's last error.
+pub(crate) fn set_last_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// Runs `f`, converting a panic into `GpoPanic` with its message as the last error.
+pub(crate) fn guard(f: impl FnOnce() -> GpoStatus + std::panic::UnwindSafe) -> GpoStatus {
+    match std::panic::catch_unwind(f) {
+        Ok(status) => status,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_last_error(&format!("internal error (panic): {msg}"));
+            GpoStatus::GpoPanic
+        }
+    }
+}
+
+/// gpo's version as a NUL-terminated string, e.g. "0.1.0".
+/// Ownership: static storage owned by the library; never free it.
+#[no_mangle]
+pub extern "C" fn gpo_version() -> *const c_char {
+    static V: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+    V.as_ptr().cast()
+}
+
+/// The message of the last failed gpo call on the calling thread ("" if none).
+/// Ownership: owned by the library; valid until the next gpo call on the same thread. Copy it
+/// if you need it longer. Thread-safety: each thread has its own message.
+#[no_mangle]
+pub extern "C" fn gpo_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Maps a gpo error to its status code and records its message as the last error.
+pub(crate) fn fail(e: &crate::Error) -> GpoStatus {
+    use crate::Error as E;
+    set_last_error(&e.to_string());
+    match e {
+        E::NotFound(_) | E::Io { .. } => GpoStatus::GpoIoError,
+        E::NotGguf { .. } | E::ModelLoad { .. } | E::Adapter { .. } | E::Gguf { .. } => GpoStatus::GpoModelError,
+        E::Invalid { .. } | E::PromptTooLong { .. } | E::Data { .. } => GpoStatus::GpoInvalidArgument,
+        E::Cancelled => GpoStatus::GpoCancelled,
+        _ => GpoStatus::GpoInternalError,
+    }
+}
+
+/// Reads a NUL-terminated UTF-8 path argument.
+///
+/// # Safety
+/// `p` must be NULL or point to a NUL-terminated string valid for the call.
+unsafe fn path_arg<'a>(p: *const c_char, what: &str) -> Result<&'a std::path::Path, GpoStatus> {
+    if p.is_null() {
+        set_last_error(&format!("{what} is NULL"));
+        return Err(GpoStatus::GpoInvalidArgument);
+    }
+    // SAFETY: non-NULL and NUL-terminated per the contract above.
+    match unsafe { std::ffi::CStr::from_ptr(p) }.to_str() {
+        Ok(s) => Ok(std::path::Path::new(s)),
+        Err(_) => {
+            set_last_error(&format!("{what} is not valid UTF-8"));
+            Err(GpoStatus::GpoInvalidArgument)
+        }
+    }
+}
+
+/// Checks that `path` is a GGUF model llama.cpp can load (vocabulary and metadata only, no
+/// weights). Returns GPO_OK, or an error code with the reason in gpo_last_error().
+/// `path`: NUL-terminated UTF-8, borrowed for the call only; NULL gives GPO_INVALID_ARGUMENT.
+/// Thread-safety: may be called from any thread.
+///
+/// # Safety
+/// `path` must be NULL or a NUL-terminated string valid for the duration of the call.
+#[no_mangle]
+pub unsafe extern "C" fn gpo_model_check(path: *const c_char) -> GpoStatus {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let path = match unsafe { path_arg(path, "path") } {
+            Ok(p) => p,
+            Err(st) => return st,
+        };
+        let params = crate::llama::ModelParams { vocab_only: true, n_gpu_layers: 0, ..Default::default() };
+        match crate::llama::Model::load(path, &params) {
+            Ok(_) => GpoStatus::GpoOk,
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// A static description of a status code. Ownership: static storage; never free it.
+#[no_mangle]
+pub extern "C" fn gpo_status_string(status: GpoStatus) -> *const c_char {
+    let s: &'static str = match status {
+        GpoStatus::GpoOk => "ok\0",
+        GpoStatus::GpoInvalidArgument => "invalid argument\0",
+        GpoStatus::GpoIoError => "I/O error\0",
+        GpoStatus::GpoModelError => "model or adapter rejected\0",
+        GpoStatus::GpoCancelled => "cancelled\0",
+        GpoStatus::GpoPanic => "internal error (panic caught)\0",
+        GpoStatus::GpoInternalError => "internal error\0",
+    };
+    s.as_ptr().cast()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    #[test]
+    fn version_and_errors() {
+        let v = unsafe { CStr::from_ptr(gpo_version()) }.to_str().unwrap();
+        assert_eq!(v, env!("CARGO_PKG_VERSION"));
+        assert_eq!(unsafe { CStr::from_ptr(gpo_last_error()) }.to_bytes(), b"");
+        let st = guard(|| panic!("boom"));
+        assert_eq!(st, GpoStatus::GpoPanic);
+        let msg = unsafe { CStr::from_ptr(gpo_last_error()) }.to_str().unwrap();
+        assert!(msg.contains("boom"), "{msg}");
+        let s = unsafe { CStr::from_ptr(gpo_status_string(GpoStatus::GpoCancelled)) };
+        assert_eq!(s.to_str().unwrap(), "cancelled");
+    }
+
+    #[test]
+    fn model_check_reports_null_missing_and_non_gguf() {
+        assert_eq!(unsafe { gpo_model_check(std::ptr::null()) }, GpoStatus::GpoInvalidArgument);
+        assert!(unsafe { CStr::from_ptr(gpo_last_error()) }.to_str().unwrap().contains("NULL"));
+        let missing = std::ffi::CString::new("/nonexistent/model.gguf").unwrap();
+        assert_eq!(unsafe { gpo_model_check(missing.as_ptr()) }, GpoStatus::GpoIoError);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.gguf");
+        std::fs::write(&p, b"not a model").unwrap();
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { gpo_model_check(c.as_ptr()) }, GpoStatus::GpoModelError);
+        assert!(unsafe { CStr::from_ptr(gpo_last_error()) }.to_str().unwrap().contains("not a GGUF file"));
+    }
+}

@@ -1,0 +1,25 @@
+//! # gpo — Guided Pivotal Optimization
+//!
+//! RL fine-tuning for reasoning LLMs that finds the *critical step* of a trajectory (the step
+//! whose Monte-Carlo value changes most), resets generation there and learns from the new
+//! continuations (arXiv 2509.16456). Rollouts run on llama.cpp, LoRA training on candle over the
+//! same GGUF weights, and adapters hot-swap back into the rollout engine.
+//!
+//! Layers, in the direction data flows: [`engine`] (llama.cpp rollouts with log-probs, steps,
+//! KV forks, adapters) → [`reward`] (verifiers) → [`eval`]. The C ABI lives in [`ffi`].
+
+pub mod bench;
+pub mod engine;
+pub mod error;
+pub mod eval;
+pub mod ffi;
+pub mod gguf;
+pub mod llama;
+pub mod models;
+pub mod reward;
+pub mod task;
+
+pub use error::{Error, Result};
+
+/// gpo's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

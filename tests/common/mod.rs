@@ -1,0 +1,73 @@
+//! Helpers shared by the integration tests: the real default model and tiny synthetic models.
+#![allow(dead_code)]
+
+use gpo::engine::{Engine, EngineConfig, KvMode};
+use gpo::gguf::synth::{write_synthetic, SynthSpec};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The real SmolLM2-135M-Instruct Q4_1 model (fetched by `scripts/fetch-model.sh`, SHA-256 checked).
+pub fn real_model() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        gpo::models::default_model()
+            .unwrap_or_else(|e| panic!("the test model is missing or wrong: {e}\nrun scripts/fetch-model.sh first"))
+    })
+    .clone()
+}
+
+fn scratch_dir() -> &'static Path {
+    static D: OnceLock<tempfile::TempDir> = OnceLock::new();
+    D.get_or_init(|| tempfile::tempdir().expect("tempdir")).path()
+}
+
+/// A tiny random-weight model of `arch` with the real model's tokenizer, written once per process.
+pub fn tiny_model(arch: &str) -> PathBuf {
+    static LLAMA: OnceLock<PathBuf> = OnceLock::new();
+    static QWEN: OnceLock<PathBuf> = OnceLock::new();
+    static PEAKED: OnceLock<PathBuf> = OnceLock::new();
+    let (cell, scale) = match arch {
+        "llama" => (&LLAMA, 1.0),
+        "qwen2" => (&QWEN, 1.0),
+        // Peaked next-token distributions, like a trained model's.
+        "llama-peaked" => (&PEAKED, 30.0),
+        _ => panic!("no tiny {arch}"),
+    };
+    cell.get_or_init(|| {
+        let p = scratch_dir().join(format!("tiny-{arch}.gguf"));
+        let family = arch.trim_end_matches("-peaked");
+        let spec = SynthSpec { seed: 7, logit_scale: scale, ..SynthSpec::tiny(family) };
+        write_synthetic(&p, &real_model(), &spec).expect("write tiny model");
+        p
+    })
+    .clone()
+}
+
+/// A fresh path in the per-process scratch directory.
+pub fn scratch(name: &str) -> PathBuf {
+    scratch_dir().join(name)
+}
+
+/// An engine on `model` sized for tests: 2 threads, `parallel` slots, `n_ctx` cells.
+pub fn engine(model: &Path, parallel: u32, n_ctx: u32, kv: KvMode) -> Engine {
+    Engine::start(EngineConfig {
+        model: model.to_path_buf(),
+        n_threads: 2,
+        n_ctx,
+        n_parallel: parallel,
+        n_batch: 256,
+        kv_mode: kv,
+        ..Default::default()
+    })
+    .expect("engine starts")
+}
+
+/// Resident memory of this process in KiB.
+pub fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").expect("procfs");
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
