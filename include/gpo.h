@@ -43,6 +43,13 @@ typedef enum GpoStatus {
   GPO_INTERNAL_ERROR = 6,
 } GpoStatus;
 
+/*
+ A projection LoRA can adapt.
+ */
+typedef struct Target Target;
+
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

@@ -66,6 +66,10 @@ pub enum Error {
     #[error("{path}:{line}: {reason}")]
     Data { path: PathBuf, line: usize, reason: String },
 
+    /// A tensor operation of the trainer failed.
+    #[error("trainer: {0}")]
+    Train(String),
+
     /// I/O error with the path it happened on.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

@@ -18,6 +18,7 @@ pub mod llama;
 pub mod models;
 pub mod reward;
 pub mod task;
+pub mod train;
 
 pub use error::{Error, Result};
 

@@ -23,6 +23,7 @@ fn test_context(e: &Engine) -> Context {
             n_threads: 2,
             kv_mode: KvMode::Unified,
             flash_attn: None,
+            kv_f32: false,
         },
     )
     .unwrap()

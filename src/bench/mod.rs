@@ -46,6 +46,44 @@ pub struct RolloutArgs {
     /// Layers on the GPU (-1 = all).
     #[arg(long, default_value_t = -1)]
     pub gpu_layers: i32,
+    /// Flash attention: auto, on or off (both sides).
+    #[arg(long, default_value = "auto")]
+    pub flash_attn: FlashAttn,
+}
+
+/// Flash-attention policy for benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlashAttn {
+    /// llama.cpp decides.
+    Auto,
+    /// Always on.
+    On,
+    /// Always off.
+    Off,
+}
+
+impl FlashAttn {
+    /// As the engine's setting.
+    pub fn setting(self) -> Option<bool> {
+        match self {
+            FlashAttn::Auto => None,
+            FlashAttn::On => Some(true),
+            FlashAttn::Off => Some(false),
+        }
+    }
+}
+
+/// Context settings shared by both sides of the benchmark.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup {
+    /// KV layout.
+    pub kv: KvMode,
+    /// CPU threads (0 = all).
+    pub threads: i32,
+    /// GPU layers.
+    pub gpu_layers: i32,
+    /// Flash attention.
+    pub flash_attn: Option<bool>,
 }
 
 /// Timings of the gpo engine on the workload (seconds).
@@ -109,34 +147,32 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 }
 
 /// Starts an engine sized for the workload.
-pub fn bench_engine(
-    model: PathBuf,
-    w: &Workload,
-    kv: KvMode,
-    threads: i32,
-    gpu_layers: i32,
-    prefix_cache: bool,
-) -> Result<Engine> {
+pub fn bench_engine(model: PathBuf, w: &Workload, setup: &Setup, prefix_cache: bool) -> Result<Engine> {
     Engine::start(EngineConfig {
         model,
-        n_gpu_layers: gpu_layers,
-        n_threads: threads,
+        n_gpu_layers: setup.gpu_layers,
+        n_threads: setup.threads,
         n_ctx: w.n_ctx(),
         n_parallel: w.n_seq(),
         n_batch: w.n_batch(),
-        kv_mode: kv,
+        kv_mode: setup.kv,
+        flash_attn: setup.flash_attn,
         prefix_cache,
         ..Default::default()
     })
 }
 
-/// Runs the workload through two engines (prefix cache on for fork, off for re-prefill).
+/// Runs the workload through two engines (prefix cache on for fork, off for re-prefill), each
+/// starting with an empty cache like the raw loop's fresh context.
 pub fn gpo_rollout(engine: &Engine, no_cache: &Engine, w: &Workload, seed: u64) -> Result<GpoTimes> {
+    engine.clear_cache()?;
+    no_cache.clear_cache()?;
     let n_vocab = engine.info().n_vocab;
     let probe = random_prompt(n_vocab, w.p, seed ^ 0xABCD);
     let t0 = Instant::now();
     engine.generate(GenerateRequest::new(Prompt::Tokens(probe), 1, greedy(1)))?;
     let prefill_s = t0.elapsed().as_secs_f64();
+    engine.clear_cache()?; // the raw loop's rollout starts from an empty context too
 
     let prompt = random_prompt(n_vocab, w.p, seed);
     let t0 = Instant::now();
@@ -200,16 +236,18 @@ pub fn rollout(args: &RolloutArgs) -> Result<()> {
     );
     println!("model: {} ({})", model_path.display(), model.description());
     for &kv in &args.kv {
-        let engine = bench_engine(model_path.clone(), &w, kv, args.threads, args.gpu_layers, true)?;
-        let no_cache = bench_engine(model_path.clone(), &w, kv, args.threads, args.gpu_layers, false)?;
+        let setup =
+            Setup { kv, threads: args.threads, gpu_layers: args.gpu_layers, flash_attn: args.flash_attn.setting() };
+        let engine = bench_engine(model_path.clone(), &w, &setup, true)?;
+        let no_cache = bench_engine(model_path.clone(), &w, &setup, false)?;
         // Warm-up both sides once.
         gpo_rollout(&engine, &no_cache, &Workload { g: 8, ..w }, 99)?;
-        raw_rollout(&model, &Workload { g: 8, ..w }, kv, args.threads, 99)?;
+        raw_rollout(&model, &Workload { g: 8, ..w }, &setup, 99)?;
         let (mut rp, mut rd, mut rf, mut rn, mut rt) = (vec![], vec![], vec![], vec![], vec![]);
         let (mut gp, mut gd, mut gf, mut gn, mut gt) = (vec![], vec![], vec![], vec![], vec![]);
         for round in 0..args.rounds {
             let seed = 1000 + round as u64;
-            let r = raw_rollout(&model, &w, kv, args.threads, seed)?;
+            let r = raw_rollout(&model, &w, &setup, seed)?;
             let g = gpo_rollout(&engine, &no_cache, &w, seed)?;
             rp.push(w.p as f64 / r.prefill_s);
             rd.push((w.b * w.g) as f64 / r.decode_s);
@@ -226,7 +264,7 @@ pub fn rollout(args: &RolloutArgs) -> Result<()> {
             (median(&mut rp), median(&mut rd), median(&mut rf), median(&mut rn), median(&mut rt));
         let (gp, gd, gf, gn, gt) =
             (median(&mut gp), median(&mut gd), median(&mut gf), median(&mut gn), median(&mut gt));
-        println!("\nKV {kv}");
+        println!("\nKV {kv}, flash attention {:?}", args.flash_attn);
         println!("| metric | raw C API | gpo | gpo/raw |");
         println!("|---|---|---|---|");
         println!("| prefill tok/s | {rp:.0} | {gp:.0} | {:.2}× |", gp / rp);

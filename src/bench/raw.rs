@@ -1,7 +1,7 @@
 //! The baseline: the rollbench loop written directly against llama.cpp's C API (no engine, no
 //! log-probs, host argmax), on the same model and context settings as the engine.
 
-use super::{random_prompt, Workload};
+use super::{random_prompt, Setup, Workload};
 use crate::engine::KvMode;
 use crate::llama::{sys, Model};
 use crate::{Error, Result};
@@ -101,10 +101,13 @@ impl RawCtx {
 }
 
 /// Runs the rollbench workload once on a fresh context; returns its timings.
-pub fn raw_rollout(model: &Model, w: &Workload, kv: KvMode, threads: i32, seed: u64) -> Result<RawTimes> {
+pub fn raw_rollout(model: &Model, w: &Workload, setup: &Setup, seed: u64) -> Result<RawTimes> {
     let n_vocab = model.n_vocab() as usize;
-    let threads =
-        if threads > 0 { threads } else { std::thread::available_parallelism().map_or(1, |n| n.get() as i32) };
+    let kv = setup.kv;
+    let threads = match setup.threads {
+        t if t > 0 => t,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
+    };
     // SAFETY: plain params; the model outlives the context (borrowed for this function).
     let ctx = unsafe {
         let mut c = sys::llama_context_default_params();
@@ -116,6 +119,11 @@ pub fn raw_rollout(model: &Model, w: &Workload, kv: KvMode, threads: i32, seed: 
         c.n_threads_batch = threads;
         c.kv_unified = kv == KvMode::Unified;
         c.no_perf = true;
+        c.flash_attn_type = match setup.flash_attn {
+            None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        };
         sys::llama_init_from_model(model.as_ptr(), c)
     };
     if ctx.is_null() {

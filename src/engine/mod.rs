@@ -55,6 +55,8 @@ pub struct EngineConfig {
     pub max_cached_tokens: usize,
     /// Flash attention (None = llama.cpp decides).
     pub flash_attn: Option<bool>,
+    /// Keep K/V in f32 instead of f16: log-probs without KV rounding, at twice the KV memory.
+    pub kv_f32: bool,
     /// Reuse cached prefixes by KV fork (default true; false recomputes every prefix, for A/B runs).
     pub prefix_cache: bool,
 }
@@ -71,6 +73,7 @@ impl Default for EngineConfig {
             kv_mode: KvMode::Unified,
             max_cached_tokens: usize::MAX,
             flash_attn: None,
+            kv_f32: false,
             prefix_cache: true,
         }
     }
@@ -266,6 +269,7 @@ impl Engine {
             n_threads: cfg.n_threads,
             kv_mode: cfg.kv_mode,
             flash_attn: cfg.flash_attn,
+            kv_f32: cfg.kv_f32,
         };
         let ctx = Context::new(model.clone(), &params)?;
         let info = EngineInfo {
@@ -310,26 +314,7 @@ impl Engine {
 
     /// Turns a prompt into tokens exactly as the engine will.
     pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<Vec<Token>> {
-        let model = &self.inner.model;
-        let tokens = match prompt {
-            Prompt::Chat(messages) => {
-                if messages.is_empty() {
-                    return Err(Error::invalid("prompt", "a chat prompt needs at least one message"));
-                }
-                model.tokenize(&model.apply_chat_template(messages)?, true, true)?
-            }
-            Prompt::Raw(text) => model.tokenize(text, true, false)?,
-            Prompt::Tokens(t) => {
-                if !model.valid_tokens(t) {
-                    return Err(Error::invalid("prompt", format!("token ids must be in 0..{}", model.n_vocab())));
-                }
-                t.clone()
-            }
-        };
-        if tokens.is_empty() {
-            return Err(Error::invalid("prompt", "the prompt has no tokens"));
-        }
-        Ok(tokens)
+        prompt.tokens(&self.inner.model)
     }
 
     /// Submits a request and returns at once; see [`RequestHandle`].
@@ -432,6 +417,14 @@ impl Engine {
         let (reply, rx) = crossbeam_channel::bounded(1);
         self.send(Command::SetAdapter { adapter, reply })?;
         rx.recv().map_err(|_| Error::EngineStopped("the engine thread exited".into()))?
+    }
+
+    /// Drops every cached prefix, freeing its KV (running requests are not affected). Returns
+    /// how many cached sequences were dropped.
+    pub fn clear_cache(&self) -> Result<usize> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.send(Command::ClearCache(reply))?;
+        rx.recv().map_err(|_| Error::EngineStopped("the engine thread exited".into()))
     }
 
     /// Counters since start.

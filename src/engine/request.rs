@@ -1,7 +1,7 @@
 //! What callers ask the engine for: prompts, sampling settings, fork requests.
 
 use super::steps::StepConfig;
-use crate::llama::{ChatMessage, Token};
+use crate::llama::{ChatMessage, Model, Token};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -99,6 +99,30 @@ impl Prompt {
     /// A single user message through the chat template.
     pub fn user(text: impl Into<String>) -> Prompt {
         Prompt::Chat(vec![ChatMessage::user(text)])
+    }
+
+    /// The prompt's tokens as the engine feeds them (chat template with special tokens, raw
+    /// text with BOS as the model wants, or the ids themselves after a vocabulary check).
+    pub fn tokens(&self, model: &Model) -> Result<Vec<Token>> {
+        let tokens = match self {
+            Prompt::Chat(messages) => {
+                if messages.is_empty() {
+                    return Err(Error::invalid("prompt", "a chat prompt needs at least one message"));
+                }
+                model.tokenize(&model.apply_chat_template(messages)?, true, true)?
+            }
+            Prompt::Raw(text) => model.tokenize(text, true, false)?,
+            Prompt::Tokens(t) => {
+                if !model.valid_tokens(t) {
+                    return Err(Error::invalid("prompt", format!("token ids must be in 0..{}", model.n_vocab())));
+                }
+                t.clone()
+            }
+        };
+        if tokens.is_empty() {
+            return Err(Error::invalid("prompt", "the prompt has no tokens"));
+        }
+        Ok(tokens)
     }
 }
 

@@ -44,6 +44,8 @@ pub(crate) enum Command {
         reply: Sender<Result<u64>>,
     },
     Stats(Sender<EngineStats>),
+    /// Drops every cached prefix (running sequences are untouched).
+    ClearCache(Sender<usize>),
     /// Wakes the thread to look at cancellation flags.
     Wake,
     Shutdown,
@@ -201,6 +203,13 @@ impl Scheduler {
                 s.cached_tokens = self.slots.iter().filter(|s| s.cached).map(|s| s.tokens.len()).sum();
                 s.waiting = self.queue.len();
                 let _ = reply.send(s);
+            }
+            Command::ClearCache(reply) => {
+                let cached: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].cached).collect();
+                for &i in &cached {
+                    self.evict(i);
+                }
+                let _ = reply.send(cached.len());
             }
             Command::Wake => {}
             Command::Shutdown => return false,

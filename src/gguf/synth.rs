@@ -13,7 +13,8 @@ use std::path::Path;
 /// Shape and family of a synthetic model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthSpec {
-    /// `llama` or `qwen2` (qwen2 adds q/k/v biases).
+    /// `llama`, `qwen2` (adds q/k/v biases) or `gemma3` (Q/K norms, sandwich norms, sliding
+    /// window on all but every 6th layer).
     pub architecture: String,
     /// Hidden size.
     pub n_embd: usize,
@@ -21,6 +22,10 @@ pub struct SynthSpec {
     pub n_layer: usize,
     /// Attention heads.
     pub n_head: usize,
+    /// Head width (None = n_embd / n_head).
+    pub head_dim: Option<usize>,
+    /// Sliding window of local layers (gemma3).
+    pub sliding_window: usize,
     /// Key/value heads.
     pub n_head_kv: usize,
     /// Feed-forward width.
@@ -51,6 +56,8 @@ impl SynthSpec {
             n_embd: 64,
             n_layer: 2,
             n_head: 4,
+            head_dim: None,
+            sliding_window: 0,
             n_head_kv: 2,
             n_ff: 128,
             n_ctx_train: 2048,
@@ -64,7 +71,7 @@ impl SynthSpec {
     }
 
     fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
+        self.head_dim.unwrap_or(self.n_embd / self.n_head)
     }
 }
 
@@ -74,11 +81,14 @@ fn bad(path: &Path, e: impl std::fmt::Display) -> Error {
 
 /// Writes a random-weight model with `spec`'s shape and the donor's tokenizer.
 pub fn write_synthetic(path: &Path, donor: &Path, spec: &SynthSpec) -> Result<()> {
-    if !matches!(spec.architecture.as_str(), "llama" | "qwen2") {
-        return Err(Error::invalid("architecture", format!("{} (synthetic models: llama, qwen2)", spec.architecture)));
+    if !matches!(spec.architecture.as_str(), "llama" | "qwen2" | "gemma3") {
+        return Err(Error::invalid(
+            "architecture",
+            format!("{} (synthetic models: llama, qwen2, gemma3)", spec.architecture),
+        ));
     }
-    if spec.n_head == 0 || spec.n_embd % spec.n_head != 0 || spec.n_head_kv == 0 || spec.n_head % spec.n_head_kv != 0 {
-        return Err(Error::invalid("shape", "n_embd must divide by n_head, and n_head by n_head_kv"));
+    if spec.n_head == 0 || spec.head_dim() == 0 || spec.n_head_kv == 0 || spec.n_head % spec.n_head_kv != 0 {
+        return Err(Error::invalid("shape", "n_head must be positive and divide by n_head_kv"));
     }
     let (donor_content, _) = super::read_content(donor)?;
     let n_vocab = match donor_content.metadata.get("tokenizer.ggml.tokens") {
@@ -99,7 +109,12 @@ pub fn write_synthetic(path: &Path, donor: &Path, spec: &SynthSpec) -> Result<()
         (format!("{arch}.rope.freq_base"), Value::F32(spec.rope_base)),
         (format!("{arch}.rope.dimension_count"), Value::U32(spec.head_dim() as u32)),
         (format!("{arch}.vocab_size"), Value::U32(n_vocab as u32)),
+        (format!("{arch}.attention.key_length"), Value::U32(spec.head_dim() as u32)),
+        (format!("{arch}.attention.value_length"), Value::U32(spec.head_dim() as u32)),
     ];
+    if arch == "gemma3" && spec.sliding_window > 0 {
+        md.push((format!("{arch}.attention.sliding_window"), Value::U32(spec.sliding_window as u32)));
+    }
     let mut tok_keys: Vec<&String> = donor_content.metadata.keys().filter(|k| k.starts_with("tokenizer.")).collect();
     tok_keys.sort();
     for k in tok_keys {
@@ -139,6 +154,12 @@ pub fn write_synthetic(path: &Path, donor: &Path, spec: &SynthSpec) -> Result<()
     for l in 0..spec.n_layer {
         vector(format!("blk.{l}.attn_norm.weight"), e, None, &mut rng)?;
         vector(format!("blk.{l}.ffn_norm.weight"), e, None, &mut rng)?;
+        if arch == "gemma3" {
+            vector(format!("blk.{l}.attn_q_norm.weight"), hd, None, &mut rng)?;
+            vector(format!("blk.{l}.attn_k_norm.weight"), hd, None, &mut rng)?;
+            vector(format!("blk.{l}.post_attention_norm.weight"), e, None, &mut rng)?;
+            vector(format!("blk.{l}.post_ffw_norm.weight"), e, None, &mut rng)?;
+        }
         if arch == "qwen2" {
             vector(format!("blk.{l}.attn_q.bias"), spec.n_head * hd, None, &mut rng)?;
             vector(format!("blk.{l}.attn_k.bias"), kv, None, &mut rng)?;

@@ -53,6 +53,8 @@ pub struct ContextParams {
     pub kv_mode: KvMode,
     /// Flash attention: None = llama.cpp's automatic choice.
     pub flash_attn: Option<bool>,
+    /// Keep K/V in f32 instead of f16 (exact log-probs at twice the KV memory).
+    pub kv_f32: bool,
 }
 
 /// Why a decode failed.
@@ -120,6 +122,10 @@ impl Context {
             c.n_threads_batch = threads;
             c.kv_unified = p.kv_mode == KvMode::Unified;
             c.no_perf = true;
+            if p.kv_f32 {
+                c.type_k = sys::GGML_TYPE_F32;
+                c.type_v = sys::GGML_TYPE_F32;
+            }
             c.flash_attn_type = match p.flash_attn {
                 None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
                 Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,

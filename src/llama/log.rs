@@ -20,15 +20,21 @@ pub(crate) fn clear_last_error() {
     LAST_ERROR.with(|e| *e.borrow_mut() = None);
 }
 
-/// Takes the last error line llama.cpp logged on this thread, without its `func:` prefix.
+/// Takes the error lines llama.cpp logged on this thread since [`clear_last_error`], joined
+/// with "; " and without their `function_name:` prefixes.
 pub(crate) fn take_last_error() -> Option<String> {
     LAST_ERROR.with(|e| e.borrow_mut().take()).map(|s| {
-        let s = s.trim();
-        // "llama_adapter_lora_init_impl: msg" → "msg"; keep the rest verbatim.
-        match s.split_once(": ") {
-            Some((head, tail)) if !head.contains(' ') => tail.to_string(),
-            _ => s.to_string(),
-        }
+        let lines: Vec<&str> = s
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| match l.split_once(": ") {
+                // "llama_adapter_lora_init_impl: msg" → "msg"
+                Some((head, tail)) if !head.contains(' ') => tail,
+                _ => l,
+            })
+            .collect();
+        lines.join("; ")
     })
 }
 
@@ -43,10 +49,7 @@ unsafe extern "C" fn callback(level: sys::ggml_log_level, text: *const c_char, _
     if level == sys::GGML_LOG_LEVEL_ERROR {
         LAST_ERROR.with(|e| {
             let mut e = e.borrow_mut();
-            match e.as_mut() {
-                Some(prev) if !prev.ends_with('\n') => prev.push_str(&msg),
-                _ => *e = Some(msg.to_string()),
-            }
+            e.get_or_insert_with(String::new).push_str(&msg);
         });
     }
     let line = msg.trim_end();

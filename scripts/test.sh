@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test suite: set up (idempotent), then formatting, lints and every test on the real model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+cargo fmt --check
+cargo clippy --release --locked --all-targets -- -D warnings
+cargo test --release --locked

@@ -1,0 +1,554 @@
+//! The LoRA trainer on candle: gradient-safe forward over the same GGUF weights the rollout
+//! engine uses, PPO/GRPO and DPO-family losses, AdamW, checkpoints, and exact export of the
+//! adapter to llama.cpp's GGUF LoRA format.
+//!
+//! ```no_run
+//! use gpo::train::{Trainer, TrainerConfig, Batch, Completion};
+//! let mut t = Trainer::new(TrainerConfig::new("model.gguf"))?;
+//! let batch = Batch::Completions(vec![Completion::new(vec![1, 2, 3], vec![4, 5], 1.0)]);
+//! let report = t.step(&batch)?;
+//! t.export_adapter("adapter.gguf".as_ref())?;
+//! # Ok::<(), gpo::Error>(())
+//! ```
+
+pub mod arch;
+pub mod checkpoint;
+pub mod data;
+pub mod jsonl;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod ops;
+pub mod optim;
+
+pub use data::{Batch, Completion, Labeled, Pair};
+pub use lora::{Lora, LoraConfig, Target};
+pub use loss::{Aggregation, Objective};
+pub use optim::{OptimConfig, Schedule};
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use lora::cerr;
+use model::Forward;
+pub use ops::GradSink;
+use optim::AdamW;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+pub use weights::Weights;
+
+pub mod weights;
+
+/// Trainer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainerConfig {
+    /// GGUF model (the same file the rollout engine loads).
+    pub model: PathBuf,
+    /// Adapter shape.
+    pub lora: LoraConfig,
+    /// Optimiser.
+    pub optim: OptimConfig,
+    /// Loss.
+    pub objective: Objective,
+    /// Coefficient of the k3 KL penalty to the base model for PPO/GRPO (0 = off).
+    pub kl_coef: f64,
+    /// Truncated importance sampling against the behaviour log-probs: weight
+    /// `min(π_old/μ, cap)` per token (None = off).
+    pub tis_cap: Option<f64>,
+    /// Sampling temperature of the behaviour policy (log-probs are of logits / T).
+    pub temperature: f64,
+    /// Sequences per backward pass (gradient accumulation over micro-batches); 0 = all.
+    pub micro_batch: usize,
+    /// Positions per chunk of the output head.
+    pub head_chunk: usize,
+    /// Seed of the trainer's RNG (adapter initialisation).
+    pub seed: u64,
+    /// Compute in f64 (gradient checks) instead of f32.
+    pub f64: bool,
+    /// Where π_old of the PPO ratio comes from.
+    pub pi_old: PiOld,
+    /// Fixed KTO reference point (None = the clamped batch estimate, as TRL does).
+    pub kto_z_ref: Option<f64>,
+    /// Use candle's plain autograd (frozen-weight gradients computed, no activation
+    /// recomputation): the in-process baseline of `gpo bench train`, not for real runs.
+    pub plain_autograd: bool,
+    /// Emulate llama.cpp's CPU GELU (f16 lookup table, ~1e-3 relative error) in the forward
+    /// value, for exact parity checks of GELU models against a CPU llama.cpp. Off for training:
+    /// GPU backends compute the exact GELU.
+    pub ggml_cpu_gelu: bool,
+}
+
+/// Source of π_old in the PPO/GRPO ratio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PiOld {
+    /// Recomputed by the trainer before each update (default; immune to rollout/learner
+    /// numerical mismatch, as large RL stacks do).
+    Trainer,
+    /// The behaviour log-probs recorded by the rollout engine.
+    Behaviour,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        TrainerConfig {
+            model: PathBuf::new(),
+            lora: LoraConfig::default(),
+            optim: OptimConfig::default(),
+            objective: Objective::Grpo { clip: 0.2, aggregation: Aggregation::TokenMean },
+            kl_coef: 0.0,
+            tis_cap: None,
+            temperature: 1.0,
+            micro_batch: 4,
+            head_chunk: 256,
+            seed: 0,
+            f64: false,
+            pi_old: PiOld::Trainer,
+            kto_z_ref: None,
+            plain_autograd: false,
+            ggml_cpu_gelu: false,
+        }
+    }
+}
+
+impl TrainerConfig {
+    /// Defaults with the given model.
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        TrainerConfig { model: model.into(), ..Default::default() }
+    }
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Steps applied after this one (1-based); unchanged when skipped.
+    pub step: u64,
+    /// Objective name.
+    pub objective: String,
+    /// Loss value.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Completion tokens in the batch.
+    pub tokens: usize,
+    /// Sequences in the batch.
+    pub sequences: usize,
+    /// Wall time of the step.
+    pub seconds: f64,
+    /// Completion tokens per second (forward + backward + update).
+    pub tokens_per_s: f64,
+    /// Mean |log π_old − log μ| per token between trainer and rollout log-probs.
+    pub logprob_gap_mean: Option<f64>,
+    /// Largest per-token gap.
+    pub logprob_gap_max: Option<f64>,
+    /// Mean k3 KL to the base model (when computed).
+    pub kl: Option<f64>,
+    /// Fraction of tokens whose ratio was clipped (PPO/GRPO).
+    pub clip_fraction: Option<f64>,
+    /// Mean reward of the batch (completions).
+    pub reward_mean: Option<f64>,
+    /// Mean implicit-reward margin of pairs (chosen − rejected, relative to the reference for DPO).
+    pub margin: Option<f64>,
+    /// Why the step was not applied (non-finite input or gradient).
+    pub skipped: Option<String>,
+}
+
+/// The trainer: frozen base weights, the LoRA adapter, AdamW.
+pub struct Trainer {
+    cfg: TrainerConfig,
+    weights: Weights,
+    lora: Lora,
+    optim: AdamW,
+    sink: GradSink,
+    step: u64,
+    fingerprint: String,
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64).and_then(|t| t.to_vec1::<f64>()).map_err(cerr)
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(cerr)
+}
+
+impl Trainer {
+    /// Loads the model and creates a fresh adapter and optimiser.
+    pub fn new(cfg: TrainerConfig) -> Result<Trainer> {
+        if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
+            return Err(Error::invalid("temperature", format!("{} must be positive", cfg.temperature)));
+        }
+        if let Some(c) = cfg.tis_cap {
+            if c.is_nan() || c <= 0.0 {
+                return Err(Error::invalid("tis_cap", format!("{c} must be positive")));
+            }
+        }
+        let dtype = if cfg.f64 { DType::F64 } else { DType::F32 };
+        let mut weights = Weights::load(&cfg.model, dtype, &Device::Cpu)?;
+        weights.cfg.ggml_cpu_gelu = cfg.ggml_cpu_gelu;
+        let fingerprint = checkpoint::fingerprint(&cfg.model)?;
+        let lora = Lora::new(&weights, &LoraConfig { seed: cfg.lora.seed ^ cfg.seed, ..cfg.lora.clone() })?;
+        let optim = AdamW::new(cfg.optim.clone(), &lora.vars())?;
+        Ok(Trainer { cfg, weights, lora, optim, sink: GradSink::default(), step: 0, fingerprint })
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &TrainerConfig {
+        &self.cfg
+    }
+
+    /// The adapter.
+    pub fn lora(&self) -> &Lora {
+        &self.lora
+    }
+
+    /// The frozen weights.
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// Steps applied.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    fn forward(&self, adapter: bool) -> Forward<'_> {
+        Forward {
+            weights: &self.weights,
+            lora: adapter.then_some(&self.lora),
+            sink: &self.sink,
+            head_chunk: self.cfg.head_chunk,
+            plain: self.cfg.plain_autograd,
+        }
+    }
+
+    /// Per-token log-probs of `completion` after `prompt` (no gradient). `adapter = false` gives the
+    /// base model (the reference policy).
+    pub fn logprobs(&self, prompt: &[u32], completion: &[u32], adapter: bool) -> Result<Vec<f64>> {
+        let seq: Vec<u32> = prompt.iter().chain(completion).copied().collect();
+        to_vec(&self.forward(adapter).logprobs(&seq, prompt.len(), self.cfg.temperature, false)?)
+    }
+
+    fn lp_grad(&self, prompt: &[u32], completion: &[u32]) -> Result<Tensor> {
+        let seq: Vec<u32> = prompt.iter().chain(completion).copied().collect();
+        self.forward(true).logprobs(&seq, prompt.len(), self.cfg.temperature, true)
+    }
+
+    /// Writes the adapter as a llama.cpp GGUF LoRA file.
+    pub fn export_adapter(&self, path: &Path) -> Result<()> {
+        self.lora.export(path)
+    }
+
+    /// One optimiser step on `batch` (gradient accumulation over micro-batches inside).
+    pub fn step(&mut self, batch: &Batch) -> Result<StepReport> {
+        batch.validate(&self.cfg.objective, self.weights.cfg.n_vocab)?;
+        let t0 = Instant::now();
+        let mut report = StepReport {
+            step: self.step,
+            objective: self.cfg.objective.name().into(),
+            tokens: batch.completion_tokens(),
+            sequences: batch.len(),
+            ..Default::default()
+        };
+        if let Some(why) = batch.non_finite() {
+            report.skipped = Some(why);
+            return Ok(report);
+        }
+        self.sink.clear();
+        let loss = match batch {
+            Batch::Completions(items) => self.policy_loss(items, &mut report)?,
+            Batch::Pairs(items) => self.pair_loss(items, &mut report)?,
+            Batch::Labeled(items) => self.kto_loss(items, &mut report)?,
+        };
+        report.loss = loss;
+        let vars = self.lora.vars();
+        let grads = coverage(&self.lora, &self.sink)?;
+        if !loss.is_finite() || grads.iter().any(|g| !all_finite(g)) {
+            report.skipped =
+                Some(format!("non-finite {} — step not applied", if loss.is_finite() { "gradient" } else { "loss" }));
+            return Ok(report);
+        }
+        let (norm, lr) = self.optim.step(&vars, &grads)?;
+        self.step += 1;
+        report.step = self.step;
+        report.grad_norm = norm;
+        report.lr = lr;
+        report.seconds = t0.elapsed().as_secs_f64();
+        report.tokens_per_s = report.tokens as f64 / report.seconds.max(1e-9);
+        Ok(report)
+    }
+
+    fn micro_batches(&self, n: usize) -> Vec<std::ops::Range<usize>> {
+        let m = if self.cfg.micro_batch == 0 { n.max(1) } else { self.cfg.micro_batch };
+        (0..n).step_by(m).map(|s| s..(s + m).min(n)).collect()
+    }
+
+    fn policy_loss(&mut self, items: &[Completion], report: &mut StepReport) -> Result<f64> {
+        let obj = self.cfg.objective.clone();
+        let rewards: Vec<f64> = items.iter().map(|c| c.reward).collect();
+        report.reward_mean = Some(rewards.iter().sum::<f64>() / rewards.len() as f64);
+        let total_tokens: usize = items.iter().map(|c| c.completion.len()).sum();
+        if let Objective::Nll = obj {
+            let mut loss = 0.0;
+            for r in self.micro_batches(items.len()) {
+                let mut parts = Vec::new();
+                for c in &items[r] {
+                    parts.push(
+                        loss::nll_sequence(&self.lp_grad(&c.prompt, &c.completion)?, total_tokens as f64)
+                            .map_err(cerr)?,
+                    );
+                }
+                loss += self.backward(parts)?;
+            }
+            return Ok(loss);
+        }
+        let (clip, aggregation) = match obj {
+            Objective::Ppo { clip } => (clip, Aggregation::TokenMean),
+            Objective::Grpo { clip, aggregation } => (clip, aggregation),
+            _ => unreachable!("validated"),
+        };
+        let groups: Vec<u64> = items.iter().map(|c| c.group).collect();
+        let advantages: Vec<f64> = match obj {
+            Objective::Grpo { .. } => loss::group_advantages(&rewards, &groups, 1e-4),
+            _ => items
+                .iter()
+                .map(|c| {
+                    c.advantage.unwrap_or_else(|| {
+                        // Without a value estimate: reward minus the mean reward of its group.
+                        let g: Vec<f64> = items.iter().filter(|o| o.group == c.group).map(|o| o.reward).collect();
+                        c.reward - g.iter().sum::<f64>() / g.len() as f64
+                    })
+                })
+                .collect(),
+        };
+        // π_old from the trainer itself, before the update (or the rollout's log-probs); the
+        // reference when a KL term is on.
+        let old: Vec<Vec<f64>> = items
+            .iter()
+            .map(|c| match (self.cfg.pi_old, &c.behaviour_logprobs) {
+                (PiOld::Behaviour, Some(mu)) => Ok(mu.iter().map(|&x| x as f64).collect()),
+                _ => self.logprobs(&c.prompt, &c.completion, true),
+            })
+            .collect::<Result<_>>()?;
+        let reference: Option<Vec<Vec<f64>>> = if self.cfg.kl_coef > 0.0 {
+            Some(items.iter().map(|c| self.logprobs(&c.prompt, &c.completion, false)).collect::<Result<_>>()?)
+        } else {
+            None
+        };
+        self.gap(items, &old, report);
+        let dev = self.weights.device.clone();
+        let dt = self.weights.dtype;
+        let vec_t = |v: &[f64]| Tensor::from_slice(v, v.len(), &dev).and_then(|t| t.to_dtype(dt)).map_err(cerr);
+        let mut loss = 0.0;
+        let (mut clipped, mut kl_sum) = (0usize, 0.0);
+        for r in self.micro_batches(items.len()) {
+            let mut parts = Vec::new();
+            for i in r {
+                let c = &items[i];
+                let norm = match aggregation {
+                    Aggregation::TokenMean => total_tokens as f64,
+                    Aggregation::SequenceMean => (c.completion.len() * items.len()) as f64,
+                };
+                let weights = match (self.cfg.tis_cap, &c.behaviour_logprobs) {
+                    (Some(cap), Some(mu)) => Some(vec_t(
+                        &old[i].iter().zip(mu).map(|(o, m)| (o - *m as f64).exp().min(cap)).collect::<Vec<_>>(),
+                    )?),
+                    _ => None,
+                };
+                let lp = self.lp_grad(&c.prompt, &c.completion)?;
+                let lp_now = to_vec(&lp)?;
+                clipped += lp_now.iter().zip(&old[i]).filter(|(l, o)| ((*l - *o).exp() - 1.0).abs() > clip).count();
+                let refs = reference.as_ref().map(|r| vec_t(&r[i])).transpose()?;
+                if let Some(rf) = reference.as_ref() {
+                    kl_sum += lp_now.iter().zip(&rf[i]).map(|(l, r)| (r - l).exp() - (r - l) - 1.0).sum::<f64>();
+                }
+                parts.push(
+                    loss::policy_sequence(
+                        &lp,
+                        &vec_t(&old[i])?,
+                        advantages[i],
+                        clip,
+                        weights.as_ref(),
+                        refs.as_ref().map(|r| (r, self.cfg.kl_coef)),
+                        norm,
+                    )
+                    .map_err(cerr)?,
+                );
+            }
+            loss += self.backward(parts)?;
+        }
+        report.clip_fraction = Some(clipped as f64 / total_tokens as f64);
+        report.kl = reference.map(|_| kl_sum / total_tokens as f64);
+        Ok(loss)
+    }
+
+    /// Rollout/learner log-prob gap against the behaviour log-probs, when given.
+    fn gap(&self, items: &[Completion], old: &[Vec<f64>], report: &mut StepReport) {
+        let (mut sum, mut max, mut n) = (0.0f64, 0.0f64, 0usize);
+        for (c, o) in items.iter().zip(old) {
+            if let Some(mu) = &c.behaviour_logprobs {
+                for (a, b) in o.iter().zip(mu) {
+                    let d = (a - *b as f64).abs();
+                    sum += d;
+                    max = max.max(d);
+                    n += 1;
+                }
+            }
+        }
+        if n > 0 {
+            report.logprob_gap_mean = Some(sum / n as f64);
+            report.logprob_gap_max = Some(max);
+        }
+    }
+
+    fn pair_loss(&mut self, items: &[Pair], report: &mut StepReport) -> Result<f64> {
+        let obj = self.cfg.objective.clone();
+        let n = items.len() as f64;
+        let refs: Option<Vec<(f64, f64)>> = if obj.needs_reference() {
+            Some(
+                items
+                    .iter()
+                    .map(|p| {
+                        let c: f64 = self.logprobs(&p.prompt, &p.chosen, false)?.iter().sum();
+                        let r: f64 = self.logprobs(&p.prompt, &p.rejected, false)?.iter().sum();
+                        Ok((c, r))
+                    })
+                    .collect::<Result<_>>()?,
+            )
+        } else {
+            None
+        };
+        let mut loss = 0.0;
+        let mut margin = 0.0;
+        for r in self.micro_batches(items.len()) {
+            let mut parts = Vec::new();
+            for i in r {
+                let p = &items[i];
+                let c = self.lp_grad(&p.prompt, &p.chosen)?.sum_all().map_err(cerr)?;
+                let rj = self.lp_grad(&p.prompt, &p.rejected)?.sum_all().map_err(cerr)?;
+                let (cv, rv) = (scalar(&c)?, scalar(&rj)?);
+                let part = match obj {
+                    Objective::Dpo { beta } => {
+                        let (c_ref, r_ref) = refs.as_ref().expect("reference")[i];
+                        margin += (cv - c_ref) - (rv - r_ref);
+                        loss::dpo(&c, &rj, c_ref, r_ref, beta)
+                    }
+                    Objective::Simpo { beta, gamma } => {
+                        margin += cv / p.chosen.len() as f64 - rv / p.rejected.len() as f64;
+                        loss::simpo(&c, p.chosen.len(), &rj, p.rejected.len(), beta, gamma)
+                    }
+                    Objective::Orpo { lambda } => {
+                        margin += cv / p.chosen.len() as f64 - rv / p.rejected.len() as f64;
+                        loss::orpo(&c, p.chosen.len(), &rj, p.rejected.len(), lambda)
+                    }
+                    _ => unreachable!("validated"),
+                };
+                parts.push((part.map_err(cerr)? / n).map_err(cerr)?);
+            }
+            loss += self.backward(parts)?;
+        }
+        report.margin = Some(margin / n);
+        Ok(loss)
+    }
+
+    fn kto_loss(&mut self, items: &[Labeled], report: &mut StepReport) -> Result<f64> {
+        let Objective::Kto { beta, desirable_weight, undesirable_weight } = self.cfg.objective else {
+            unreachable!("validated")
+        };
+        let refs: Vec<f64> = items
+            .iter()
+            .map(|s| Ok(self.logprobs(&s.prompt, &s.completion, false)?.iter().sum()))
+            .collect::<Result<_>>()?;
+        let pol: Vec<f64> = items
+            .iter()
+            .map(|s| Ok(self.logprobs(&s.prompt, &s.completion, true)?.iter().sum()))
+            .collect::<Result<_>>()?;
+        // The reference point: batch-mean policy/reference log-ratio, clamped at 0 and detached.
+        let z_ref = self
+            .cfg
+            .kto_z_ref
+            .unwrap_or_else(|| (pol.iter().zip(&refs).map(|(p, r)| p - r).sum::<f64>() / items.len() as f64).max(0.0));
+        report.kl = Some(z_ref);
+        let n = items.len() as f64;
+        let mut loss = 0.0;
+        for r in self.micro_batches(items.len()) {
+            let mut parts = Vec::new();
+            for i in r {
+                let s = &items[i];
+                let lp = self.lp_grad(&s.prompt, &s.completion)?.sum_all().map_err(cerr)?;
+                let w = if s.desirable { desirable_weight } else { undesirable_weight };
+                parts.push((loss::kto(&lp, refs[i], z_ref, s.desirable, beta, w).map_err(cerr)? / n).map_err(cerr)?);
+            }
+            loss += self.backward(parts)?;
+        }
+        Ok(loss)
+    }
+
+    /// Backward of a sum of loss parts; gradients land in the sink. Returns the value.
+    fn backward(&self, parts: Vec<Tensor>) -> Result<f64> {
+        if parts.is_empty() {
+            return Ok(0.0);
+        }
+        let total = Tensor::stack(&parts, 0).and_then(|t| t.sum_all()).map_err(cerr)?;
+        let value = scalar(&total)?;
+        let grads = total.backward().map_err(cerr)?;
+        // Adapter tensors used outside checkpointed blocks (the plain baseline) report here.
+        for v in self.lora.vars() {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                self.sink.add(v.as_tensor().id(), g).map_err(cerr)?;
+            }
+        }
+        Ok(value)
+    }
+
+    /// The gradient the last step computed for a trainable tensor (tests and diagnostics).
+    pub fn last_grad(&self, v: &Var) -> Option<Tensor> {
+        self.sink.get(v.as_tensor().id())
+    }
+
+    /// Loss of `batch` at the current parameters without updating them (gradient checks).
+    pub fn loss_value(&mut self, batch: &Batch) -> Result<f64> {
+        batch.validate(&self.cfg.objective, self.weights.cfg.n_vocab)?;
+        let mut report = StepReport::default();
+        self.sink.clear();
+        match batch {
+            Batch::Completions(items) => self.policy_loss(items, &mut report),
+            Batch::Pairs(items) => self.pair_loss(items, &mut report),
+            Batch::Labeled(items) => self.kto_loss(items, &mut report),
+        }
+    }
+}
+
+/// Gradients of every trainable tensor, in [`Lora::vars`] order, with the coverage check that
+/// runs on every step and stops the run when a gradient is missing or all zero. The one allowed
+/// zero: dL/dA = scale·Bᵀ(…) vanishes exactly while B = 0 (the standard initialisation).
+pub fn coverage(lora: &Lora, sink: &GradSink) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(2 * lora.pairs.len());
+    for p in &lora.pairs {
+        let name = p.target.gguf_name(p.block);
+        let b_zero = scalar(&p.b.as_tensor().abs().map_err(cerr)?.max_all().map_err(cerr)?)? == 0.0;
+        for (v, which) in [(&p.a, "lora_a"), (&p.b, "lora_b")] {
+            let g = sink.get(v.as_tensor().id()).ok_or_else(|| {
+                Error::Train(format!(
+                    "no gradient reached {name}.{which}: the forward does not use it (coverage check)"
+                ))
+            })?;
+            let g_zero = all_finite(&g) && scalar(&g.abs().map_err(cerr)?.max_all().map_err(cerr)?)? == 0.0;
+            if g_zero && !(which == "lora_a" && b_zero) {
+                return Err(Error::Train(format!("{name}.{which} received an all-zero gradient (coverage check)")));
+            }
+            out.push(g);
+        }
+    }
+    Ok(out)
+}
+
+fn all_finite(t: &Tensor) -> bool {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f64>())
+        .map(|v| v.iter().all(|x| x.is_finite()))
+        .unwrap_or(false)
+}

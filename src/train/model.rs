@@ -1,0 +1,256 @@
+//! The gradient-safe forward: per-token log-probs of a token sequence under the base model plus
+//! (optionally) the LoRA adapter, in llama.cpp's exact numerics convention for each family.
+//!
+//! With gradients, every block runs inside [`checkpoint`] (only block inputs are kept; the
+//! backward recomputes one block at a time), and the output head runs in chunks of positions, so
+//! `[tokens × vocab]` logits never exist for a whole sequence.
+
+use super::arch::{ArchConfig, Family};
+use super::lora::{cerr, Lora, Target};
+use super::ops::{
+    checkpoint, frozen_linear, gelu_ggml_cpu, gelu_tanh, log_softmax_last, rms_norm, rope, rope_tables, softmax_last,
+    GradSink,
+};
+use super::weights::{BlockWeights, Weights};
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, Var};
+use std::sync::Arc;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// LoRA tensors of one block, and whether to use candle's plain matmul (baseline).
+#[derive(Clone, Default)]
+struct BlockLora {
+    pairs: Vec<(Target, Tensor, Tensor)>,
+    plain: bool,
+}
+
+/// Per-sequence tables shared by all blocks.
+#[derive(Clone)]
+struct Tables {
+    cos: Tensor,
+    sin: Tensor,
+    cos_swa: Tensor,
+    sin_swa: Tensor,
+    mask: Tensor,
+    mask_swa: Tensor,
+}
+
+fn mask(t: usize, window: usize, dtype: DType, dev: &candle_core::Device) -> CResult<Tensor> {
+    let v: Vec<f32> = (0..t * t)
+        .map(|k| {
+            let (i, j) = (k / t, k % t);
+            if j > i || (window > 0 && i - j >= window) {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (t, t), dev)?.to_dtype(dtype)
+}
+
+fn tables(cfg: &ArchConfig, t: usize, dtype: DType, dev: &candle_core::Device) -> CResult<Tables> {
+    let (cos, sin) = rope_tables(t, cfg.n_rot, cfg.rope_base, cfg.rope_scale, dtype, dev)?;
+    let (cos_swa, sin_swa) = if cfg.sliding_window > 0 {
+        rope_tables(t, cfg.n_rot, cfg.rope_base_swa, 1.0, dtype, dev)?
+    } else {
+        (cos.clone(), sin.clone())
+    };
+    let m = mask(t, 0, dtype, dev)?;
+    let mask_swa = if cfg.sliding_window > 0 { mask(t, cfg.sliding_window, dtype, dev)? } else { m.clone() };
+    Ok(Tables { cos, sin, cos_swa, sin_swa, mask: m, mask_swa })
+}
+
+fn linear(
+    h: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    lora: &BlockLora,
+    target: Target,
+    scale: f64,
+) -> CResult<Tensor> {
+    let mut y = if lora.plain { h.broadcast_matmul(&w.t()?)? } else { frozen_linear(h, w)? };
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    if let Some((_, a, b)) = lora.pairs.iter().find(|(t, _, _)| *t == target) {
+        let delta = h.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        y = (y + (delta * scale)?)?;
+    }
+    Ok(y)
+}
+
+/// One transformer block on `x` (t × d).
+fn block(
+    x: &Tensor,
+    w: &BlockWeights,
+    lora: &BlockLora,
+    scale: f64,
+    cfg: &ArchConfig,
+    il: usize,
+    tb: &Tables,
+) -> CResult<Tensor> {
+    let t = x.dim(0)?;
+    let (nh, nkv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+    let swa = cfg.is_swa(il);
+    let (cos, sin, msk) = if swa { (&tb.cos_swa, &tb.sin_swa, &tb.mask_swa) } else { (&tb.cos, &tb.sin, &tb.mask) };
+
+    let h = rms_norm(x, &w.attn_norm, cfg.rms_eps)?;
+    let q = linear(&h, &w.wq, w.bq.as_ref(), lora, Target::Q, scale)?.reshape((t, nh, hd))?;
+    let k = linear(&h, &w.wk, w.bk.as_ref(), lora, Target::K, scale)?.reshape((t, nkv, hd))?;
+    let v = linear(&h, &w.wv, w.bv.as_ref(), lora, Target::V, scale)?.reshape((t, nkv, hd))?;
+    let (q, k) = match (&w.q_norm, &w.k_norm) {
+        (Some(qn), Some(kn)) => (rms_norm(&q, qn, cfg.rms_eps)?, rms_norm(&k, kn, cfg.rms_eps)?),
+        _ => (q, k),
+    };
+    let q = rope(&q.transpose(0, 1)?.contiguous()?, cos, sin, cfg.rope_neox)?;
+    let k = rope(&k.transpose(0, 1)?.contiguous()?, cos, sin, cfg.rope_neox)?;
+    let v = v.transpose(0, 1)?.contiguous()?;
+    let (k, v) = if nkv != nh {
+        let rep = nh / nkv;
+        let expand = |z: Tensor| z.unsqueeze(1)?.expand((nkv, rep, t, hd))?.reshape((nh, t, hd));
+        (expand(k)?, expand(v)?)
+    } else {
+        (k, v)
+    };
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(msk)?;
+    let o = softmax_last(&scores)?.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))?;
+    let mut attn = linear(&o, &w.wo, None, lora, Target::O, scale)?;
+    if let Some(n) = &w.attn_post_norm {
+        attn = rms_norm(&attn, n, cfg.rms_eps)?;
+    }
+    let x = (x + attn)?;
+
+    let h = rms_norm(&x, &w.ffn_norm, cfg.rms_eps)?;
+    let g = linear(&h, &w.w_gate, None, lora, Target::Gate, scale)?;
+    let u = linear(&h, &w.w_up, None, lora, Target::Up, scale)?;
+    let act = match cfg.family {
+        Family::Gemma3 if cfg.ggml_cpu_gelu => gelu_ggml_cpu(&g)?,
+        Family::Gemma3 => gelu_tanh(&g)?,
+        _ => g.silu()?,
+    };
+    let mut d = linear(&(act * u)?, &w.w_down, None, lora, Target::Down, scale)?;
+    if let Some(n) = &w.ffn_post_norm {
+        d = rms_norm(&d, n, cfg.rms_eps)?;
+    }
+    x + d
+}
+
+/// Log-probs of `targets` from hidden states `h` (n × d): chunk of the output head.
+fn head(h: &Tensor, output: &Tensor, targets: &Tensor, inv_t: f64, softcap: f64, plain: bool) -> CResult<Tensor> {
+    let mut logits = if plain { h.broadcast_matmul(&output.t()?)? } else { frozen_linear(h, output)? };
+    if softcap > 0.0 {
+        logits = ((logits / softcap)?.tanh()? * softcap)?;
+    }
+    log_softmax_last(&(logits * inv_t)?)?.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
+}
+
+/// Runs the model. Borrowed weights and adapter; gradients of the adapter go to `sink`.
+pub struct Forward<'a> {
+    /// Frozen weights.
+    pub weights: &'a Weights,
+    /// Adapter; None = the base model (the reference policy).
+    pub lora: Option<&'a Lora>,
+    /// Where checkpointed blocks put adapter gradients.
+    pub sink: &'a GradSink,
+    /// Positions per output-head chunk.
+    pub head_chunk: usize,
+    /// candle's plain autograd: matmuls that also compute frozen-weight gradients, no activation
+    /// recomputation, one head pass (the baseline of `gpo bench train`).
+    pub plain: bool,
+}
+
+impl Forward<'_> {
+    /// `log π(tokens[i] | tokens[..i])` for `i` in `start..tokens.len()`, at `temperature`
+    /// (log-softmax of logits / T over the full vocabulary). With `grad`, the result carries
+    /// gradients to the adapter (through `sink`); without, nothing is recorded.
+    pub fn logprobs(&self, tokens: &[u32], start: usize, temperature: f64, grad: bool) -> Result<Tensor> {
+        let w = self.weights;
+        let cfg = &w.cfg;
+        if start == 0 || start >= tokens.len() {
+            return Err(Error::invalid(
+                "sequence",
+                format!("targets {start}..{} (needs 1 ≤ start < length)", tokens.len()),
+            ));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
+            return Err(Error::invalid(
+                "sequence",
+                format!("token id {bad} outside the vocabulary of {}", cfg.n_vocab),
+            ));
+        }
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(Error::invalid("temperature", format!("{temperature} must be positive")));
+        }
+        let dev = &w.device;
+        let t = tokens.len() - 1; // positions that predict a next token
+        let ids = Tensor::from_slice(&tokens[..t], t, dev).map_err(cerr)?;
+        let mut x = w.tok_embd.index_select(&ids, 0).map_err(cerr)?;
+        if cfg.family == Family::Gemma3 {
+            x = (x * (cfg.n_embd as f32).sqrt() as f64).map_err(cerr)?;
+        }
+        let tb = tables(cfg, t, w.dtype, dev).map_err(cerr)?;
+        let scale = self.lora.map_or(1.0, Lora::scale);
+        if grad {
+            // A variable at the root makes candle walk into the checkpointed blocks.
+            x = Var::from_tensor(&x).map_err(cerr)?.as_tensor().clone();
+        }
+        for (il, bw) in w.blocks.iter().enumerate() {
+            let pairs = self
+                .lora
+                .map(|l| {
+                    l.pairs
+                        .iter()
+                        .filter(|p| p.block == il)
+                        .map(|p| {
+                            let (a, b) = if grad {
+                                (p.a.as_tensor().clone(), p.b.as_tensor().clone())
+                            } else {
+                                (p.a.as_tensor().detach(), p.b.as_tensor().detach())
+                            };
+                            // The adapter's master copy may be wider than the compute dtype.
+                            Ok((p.target, a.to_dtype(w.dtype)?, b.to_dtype(w.dtype)?))
+                        })
+                        .collect::<CResult<Vec<_>>>()
+                })
+                .transpose()
+                .map_err(cerr)?
+                .unwrap_or_default();
+            let lora = BlockLora { pairs, plain: self.plain };
+            if grad && !self.plain {
+                let (bw, cfg, tb) = (bw.clone(), Arc::new(cfg.clone()), tb.clone());
+                let params = self.lora.map(|l| l.block_vars(il)).unwrap_or_default();
+                x = checkpoint(&x, params, self.sink, move |x| block(x, &bw, &lora, scale, &cfg, il, &tb))
+                    .map_err(cerr)?;
+            } else {
+                x = block(&x, bw, &lora, scale, cfg, il, &tb).map_err(cerr)?;
+            }
+        }
+        let h = rms_norm(&x, &w.output_norm, cfg.rms_eps).map_err(cerr)?;
+        let h = h.narrow(0, start - 1, t - (start - 1)).map_err(cerr)?;
+        let targets: Vec<u32> = tokens[start..].to_vec();
+        let n = targets.len();
+        let chunk = if self.plain { n } else { self.head_chunk.max(1) };
+        let mut parts = Vec::with_capacity(n.div_ceil(chunk));
+        let inv_t = 1.0 / temperature;
+        for c0 in (0..n).step_by(chunk) {
+            let len = chunk.min(n - c0);
+            let tg = Tensor::from_slice(&targets[c0..c0 + len], len, dev).map_err(cerr)?;
+            let hc = h.narrow(0, c0, len).map_err(cerr)?;
+            let (out, softcap, plain) = (w.output.clone(), cfg.final_logit_softcap, self.plain);
+            let part = if grad && !plain {
+                checkpoint(&hc, vec![], self.sink, move |h| head(h, &out, &tg, inv_t, softcap, false))
+            } else {
+                head(&hc, &out, &tg, inv_t, softcap, plain)
+            };
+            parts.push(part.map_err(cerr)?);
+        }
+        Tensor::cat(&parts, 0).map_err(cerr)
+    }
+
+    /// Mean over positions of the chosen tokens' log-probs, in f64 (for reporting).
+    pub fn mean_logprob(lp: &Tensor) -> Result<f64> {
+        lp.to_dtype(DType::F64).and_then(|t| t.mean_all()).and_then(|t| t.to_scalar::<f64>()).map_err(cerr)
+    }
+}

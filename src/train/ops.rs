@@ -1,0 +1,376 @@
+//! Differentiable building blocks of the training forward.
+//!
+//! candle's fused `rms_norm`, `softmax_last_dim`, `rope*` and `QMatMul` record no backward (LoRA
+//! tensors upstream of them silently get no gradient), and its matmul backward always computes the
+//! weight gradient, frozen weights included. So the forward uses only:
+//! - [`FrozenLinear`]: `x·Wᵀ` through the backend's own matmul, backward `dX = dY·W` only;
+//! - [`checkpoint`]: runs a block without keeping its activations and recomputes it in the
+//!   backward pass (activation recomputation); parameter gradients found there go to a
+//!   [`GradSink`];
+//! - plain differentiable tensor ops for norms, RoPE, softmax, log-softmax.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, TensorId, Var, D};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// `y = x·Wᵀ` for a frozen `W` (out × in): the backward returns only the input gradient.
+pub struct FrozenLinear {
+    w: Tensor,
+}
+
+impl FrozenLinear {
+    /// Wraps a frozen weight (out × in, contiguous).
+    pub fn new(w: Tensor) -> FrozenLinear {
+        FrozenLinear { w }
+    }
+
+    fn bmnk(&self, l: &Layout) -> CResult<(usize, usize, usize, usize)> {
+        let (n, k) = self.w.dims2()?;
+        let dims = l.dims();
+        let last = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen-linear on a scalar".into()))?;
+        if last != k {
+            candle_core::bail!("frozen-linear: input width {last} but weight is {n}×{k}");
+        }
+        Ok((1, l.shape().elem_count() / k, n, k))
+    }
+
+    fn layouts(&self, l: &Layout, bmnk: (usize, usize, usize, usize)) -> CResult<(Layout, Layout)> {
+        if !l.is_contiguous() {
+            candle_core::bail!("frozen-linear needs a contiguous input");
+        }
+        let (_, m, n, k) = bmnk;
+        let x = Layout::contiguous_with_offset((1, m, k), l.start_offset());
+        let (_, wl) = self.w.storage_and_layout();
+        // Wᵀ as a (1, k, n) view of the (n, k) weight.
+        let wt = Layout::new(Shape::from((1, k, n)), vec![n * k, 1, k], wl.start_offset());
+        Ok((x, wt))
+    }
+
+    fn out_shape(&self, l: &Layout) -> Shape {
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = self.w.dims()[0];
+        Shape::from(dims)
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let bmnk = self.bmnk(l)?;
+        let (xl, wtl) = self.layouts(l, bmnk)?;
+        let (ws, _) = self.w.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else { candle_core::bail!("frozen-linear: weight not on the CPU") };
+        Ok((s.matmul(ws, bmnk, &xl, &wtl)?, self.out_shape(l)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let bmnk = self.bmnk(l)?;
+        let (xl, wtl) = self.layouts(l, bmnk)?;
+        let (ws, _) = self.w.storage_and_layout();
+        let Storage::Cuda(ws) = &*ws else { candle_core::bail!("frozen-linear: weight not on the GPU") };
+        Ok((s.matmul(ws, bmnk, &xl, &wtl)?, self.out_shape(l)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let (n, _) = self.w.dims2()?;
+        let g = grad.reshape(((), n))?.matmul(&self.w)?;
+        Ok(Some(g.reshape(arg.shape())?))
+    }
+}
+
+/// `x·Wᵀ` with a frozen W.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op1(FrozenLinear::new(w.clone()))
+}
+
+/// Gradients of parameters found while recomputing checkpointed blocks, summed per parameter.
+#[derive(Clone, Default)]
+pub struct GradSink {
+    inner: Arc<Mutex<HashMap<TensorId, Tensor>>>,
+}
+
+impl GradSink {
+    /// Adds `g` to the gradient of the parameter with id `id`.
+    pub fn add(&self, id: TensorId, g: &Tensor) -> CResult<()> {
+        let mut m = self.inner.lock().expect("grad sink poisoned");
+        let sum = match m.remove(&id) {
+            Some(prev) => (prev + g)?,
+            None => g.clone(),
+        };
+        m.insert(id, sum);
+        Ok(())
+    }
+
+    /// The accumulated gradient of a parameter.
+    pub fn get(&self, id: TensorId) -> Option<Tensor> {
+        self.inner.lock().expect("grad sink poisoned").get(&id).cloned()
+    }
+
+    /// Forgets all gradients.
+    pub fn clear(&self) {
+        self.inner.lock().expect("grad sink poisoned").clear();
+    }
+}
+
+type BlockFn = Arc<dyn Fn(&Tensor) -> CResult<Tensor> + Send + Sync>;
+
+struct Checkpoint {
+    f: BlockFn,
+    input: Tensor,
+    params: Vec<Var>,
+    sink: GradSink,
+}
+
+fn storage_of(t: &Tensor) -> CResult<Storage> {
+    let t = t.force_contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    s.try_clone(l)
+}
+
+impl CustomOp1 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = (self.f)(&self.input)?;
+        match storage_of(&out)? {
+            Storage::Cpu(s) => Ok((s, out.shape().clone())),
+            _ => candle_core::bail!("checkpoint: block output left the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _s: &candle_core::CudaStorage, _l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let out = (self.f)(&self.input)?;
+        match storage_of(&out)? {
+            Storage::Cuda(s) => Ok((s, out.shape().clone())),
+            _ => candle_core::bail!("checkpoint: block output left the GPU"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        // Recompute the block with gradients and pull the incoming gradient through it.
+        let x = Var::from_tensor(&self.input)?;
+        let y = (self.f)(x.as_tensor())?;
+        let grads = (y * grad.detach())?.sum_all()?.backward()?;
+        for p in &self.params {
+            if let Some(g) = grads.get(p.as_tensor()) {
+                self.sink.add(p.as_tensor().id(), g)?;
+            }
+        }
+        Ok(grads.get(x.as_tensor()).cloned())
+    }
+}
+
+/// Applies `f` to `x` without keeping `f`'s activations: the backward pass recomputes them.
+/// Gradients of `params` used inside `f` are added to `sink`; the returned tensor carries the
+/// gradient of `x`. `x` must be part of a graph that leads to a variable (wrap the first input of
+/// a model in a `Var`), otherwise candle never calls the backward.
+pub fn checkpoint(
+    x: &Tensor,
+    params: Vec<Var>,
+    sink: &GradSink,
+    f: impl Fn(&Tensor) -> CResult<Tensor> + Send + Sync + 'static,
+) -> CResult<Tensor> {
+    let op = Checkpoint { f: Arc::new(f), input: x.detach(), params, sink: sink.clone() };
+    x.apply_op1(op)
+}
+
+/// RMS norm over the last dimension, times `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let r = (ms + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&r)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dimension (shift by the detached row max).
+pub fn softmax_last(x: &Tensor) -> CResult<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax_last(x: &Tensor) -> CResult<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// cos/sin tables of shape (t, n_rot/2) for positions `0..t`, computed like ggml: the angle of
+/// pair i is `s·p · θ^i` with `θ = base^(-2/n_rot)` accumulated in f32 (`s` = linear scaling).
+pub fn rope_tables(
+    t: usize,
+    n_rot: usize,
+    base: f64,
+    pos_scale: f64,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> CResult<(Tensor, Tensor)> {
+    let half = n_rot / 2;
+    let theta_scale = (base as f32).powf(-2.0 / n_rot as f32);
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
+    for p in 0..t {
+        let mut theta = p as f32 * pos_scale as f32;
+        for _ in 0..half {
+            cos.push(theta.cos());
+            sin.push(theta.sin());
+            theta *= theta_scale;
+        }
+    }
+    let cos = Tensor::from_vec(cos, (t, half), dev)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (t, half), dev)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Rotates `x` (heads, t, head_dim) by the tables. `neox` rotates the halves (x_i, x_{i+d/2});
+/// otherwise adjacent pairs (x_{2i}, x_{2i+1}) as llama.cpp does on llama's permuted Q/K rows.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> CResult<Tensor> {
+    let (h, t, d) = x.dims3()?;
+    let half = d / 2;
+    let (x0, x1) = if neox {
+        (x.narrow(2, 0, half)?, x.narrow(2, half, half)?)
+    } else {
+        let pairs = x.reshape((h, t, half, 2))?;
+        (pairs.narrow(3, 0, 1)?.squeeze(3)?, pairs.narrow(3, 1, 1)?.squeeze(3)?)
+    };
+    let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+    let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
+    if neox {
+        Tensor::cat(&[r0, r1], 2)
+    } else {
+        Tensor::stack(&[r0, r1], 3)?.reshape((h, t, d))
+    }
+}
+
+/// GELU, tanh approximation (ggml_gelu), from differentiable ops.
+pub fn gelu_tanh(x: &Tensor) -> CResult<Tensor> {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = ((x.powf(3.0)? * 0.044715)? + x)?.affine(c, 0.0)?;
+    ((inner.tanh()? + 1.0)? * 0.5)?.mul(x)
+}
+
+/// ggml's CPU GELU, bit for bit: the input rounded to f16 indexes a 65,536-entry f16 table built
+/// with ggml's own f32 formula; |x| ≥ 10 is passed through (0 below −10). Value of the table,
+/// gradient of the exact GELU (straight-through). Only for parity checks against a CPU
+/// llama.cpp (CPU tensors); training uses [`gelu_tanh`].
+pub fn gelu_ggml_cpu(x: &Tensor) -> CResult<Tensor> {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        const A: f32 = 0.044715;
+        const S: f32 = 0.797_884_6;
+        (0..=u16::MAX)
+            .map(|bits| {
+                let f = half::f16::from_bits(bits).to_f32();
+                let g = 0.5 * f * (1.0 + (S * f * (1.0 + A * f * f)).tanh());
+                half::f16::from_f32(g).to_f32()
+            })
+            .collect()
+    });
+    let exact = gelu_tanh(x)?;
+    let v: Vec<f32> = x
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|xi| {
+            if xi <= -10.0 {
+                0.0
+            } else if xi >= 10.0 {
+                xi
+            } else {
+                table[half::f16::from_f32(xi).to_bits() as usize]
+            }
+        })
+        .collect();
+    let v = Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    exact.clone() + (v - exact)?.detach()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(v: &[f64], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_has_input_gradient_only() {
+        let w = t(&[1.0, 2.0, 3.0, -1.0, 0.5, 0.25], &[2, 3]);
+        let x =
+            Var::from_tensor(&t(&[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2], &[2, 2, 3])).unwrap();
+        let y = frozen_linear(x.as_tensor(), &w).unwrap();
+        let want = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert_eq!(y.to_vec3::<f64>().unwrap(), want.to_vec3::<f64>().unwrap());
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap().to_vec3::<f64>().unwrap();
+        // d(sum y)/dx = column sums of W for every row.
+        assert_eq!(gx[1][1], vec![0.0, 2.5, 3.25]);
+        assert!(g.get(&w).is_none());
+    }
+
+    #[test]
+    fn checkpoint_gives_the_same_gradients_as_the_plain_graph() {
+        let p = Var::from_tensor(&t(&[0.3, -0.2, 0.7], &[3])).unwrap();
+        let x0 = Var::from_tensor(&t(&[1.0, 2.0, -1.0, 0.5, 0.25, 3.0], &[2, 3])).unwrap();
+        let f = {
+            let p = p.clone();
+            move |x: &Tensor| x.broadcast_mul(p.as_tensor())?.tanh()?.sqr()
+        };
+        let plain = f(x0.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let sink = GradSink::default();
+        let y = checkpoint(x0.as_tensor(), vec![p.clone()], &sink, f).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let a = plain.get(p.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        let b = sink.get(p.as_tensor().id()).unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            plain.get(x0.as_tensor()).unwrap().to_vec2::<f64>().unwrap(),
+            g.get(x0.as_tensor()).unwrap().to_vec2::<f64>().unwrap()
+        );
+    }
+
+    #[test]
+    fn softmax_and_log_softmax_agree() {
+        let x = t(&[1.0, 2.0, 3.0, -5.0, 0.0, 5.0], &[2, 3]);
+        let a = softmax_last(&x).unwrap().log().unwrap().to_vec2::<f64>().unwrap();
+        let b = log_softmax_last(&x).unwrap().to_vec2::<f64>().unwrap();
+        for (r, s) in a.iter().zip(&b) {
+            for (u, v) in r.iter().zip(s) {
+                assert!((u - v).abs() < 1e-12);
+            }
+        }
+    }
+
+    #[test]
+    fn rope_rotations_preserve_norm_and_differ_by_layout() {
+        let x = t(&(0..16).map(|i| i as f64 * 0.1).collect::<Vec<_>>(), &[1, 2, 8]);
+        let (c, s) = rope_tables(2, 8, 10_000.0, 1.0, DType::F64, &Device::Cpu).unwrap();
+        for neox in [false, true] {
+            let y = rope(&x, &c, &s, neox).unwrap();
+            let n0 = x.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+            let n1 = y.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!((n0 - n1).abs() < 1e-5);
+            // Position 0 is not rotated.
+            let first: Vec<f64> = y.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let orig: Vec<f64> = x.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(first.iter().zip(&orig).all(|(a, b)| (a - b).abs() < 1e-12));
+        }
+        let a = rope(&x, &c, &s, false).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let b = rope(&x, &c, &s, true).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert!(a.iter().zip(&b).any(|(u, v)| (u - v).abs() > 1e-3));
+    }
+}

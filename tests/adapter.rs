@@ -1,0 +1,145 @@
+//! LoRA adapters in the engine: exact no-op for zero B, real effect otherwise, versioning, stale
+//! KV never reused, swaps as barriers, and no memory growth over 1,000 swaps.
+
+mod common;
+
+use common::{engine, real_model, rss_kib, scratch, tiny_model};
+use gpo::engine::{GenerateRequest, KvMode, Prompt, SamplingParams};
+use gpo::gguf::lora::{LoraAdapterFile, LoraTensor};
+use gpo::gguf::synth::linear_tensors;
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+
+/// An adapter on the q and v projections of every layer; B is zero or random with scale `b`.
+fn write_adapter(model: &Path, name: &str, rank: usize, b: f32, seed: u64) -> PathBuf {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let tensors = linear_tensors(model)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _, _)| n.ends_with("attn_q.weight") || n.ends_with("attn_v.weight"))
+        .map(|(base, n_in, n_out)| LoraTensor {
+            base,
+            rank,
+            n_in,
+            n_out,
+            a: (0..rank * n_in).map(|_| rng.random_range(-0.1..0.1)).collect(),
+            b: (0..n_out * rank).map(|_| if b == 0.0 { 0.0 } else { rng.random_range(-b..b) }).collect(),
+        })
+        .collect();
+    let path = scratch(name);
+    LoraAdapterFile { architecture: "llama".into(), alpha: 2.0 * rank as f32, tensors }.write(&path).unwrap();
+    path
+}
+
+fn greedy_req() -> GenerateRequest {
+    GenerateRequest::new(Prompt::user("Name three fruits."), 1, SamplingParams::greedy(24))
+}
+
+#[test]
+fn lora_file_round_trips() {
+    let p = write_adapter(&tiny_model("llama"), "rt.gguf", 4, 0.3, 1);
+    let f = LoraAdapterFile::read(&p).unwrap();
+    assert_eq!(f.architecture, "llama");
+    assert_eq!(f.alpha, 8.0);
+    assert_eq!(f.tensors.len(), 4); // 2 layers × (q, v)
+    let t = &f.tensors[0];
+    assert_eq!(t.a.len(), t.rank * t.n_in);
+    assert_eq!(t.b.len(), t.n_out * t.rank);
+    assert!(t.b.iter().any(|&x| x != 0.0));
+}
+
+#[test]
+fn zero_b_is_a_no_op_nonzero_changes_outputs_remove_restores() {
+    let model = real_model();
+    let e = engine(&model, 4, 4096, KvMode::Unified);
+    let base = e.generate(greedy_req()).unwrap().remove(0);
+    assert_eq!(base.adapter_version, 0);
+
+    let v1 = e.set_adapter(write_adapter(&model, "zero.gguf", 8, 0.0, 2), 1.0).unwrap();
+    assert_eq!(v1, 1);
+    let zero = e.generate(greedy_req()).unwrap().remove(0);
+    assert_eq!(zero.adapter_version, 1);
+    assert_eq!(zero.tokens, base.tokens);
+    for (a, b) in zero.logprobs.iter().zip(&base.logprobs) {
+        assert!((a - b).abs() < 1e-5, "zero-B adapter changed a log-prob: {a} vs {b}");
+    }
+
+    let v2 = e.set_adapter(write_adapter(&model, "real.gguf", 8, 0.5, 3), 1.0).unwrap();
+    assert_eq!(v2, 2);
+    let changed = e.generate(greedy_req()).unwrap().remove(0);
+    let moved =
+        changed.tokens != base.tokens || changed.logprobs.iter().zip(&base.logprobs).any(|(a, b)| (a - b).abs() > 1e-2);
+    assert!(moved, "a non-zero adapter must change the outputs");
+
+    assert_eq!(e.remove_adapter().unwrap(), 3);
+    let restored = e.generate(greedy_req()).unwrap().remove(0);
+    assert_eq!(restored.tokens, base.tokens);
+    assert_eq!(restored.adapter_version, 3);
+}
+
+#[test]
+fn kv_cached_under_an_older_adapter_is_never_reused() {
+    let model = real_model();
+    let e = engine(&model, 4, 4096, KvMode::Unified);
+    let parent = e.generate(greedy_req()).unwrap().remove(0);
+    // Same adapter version: the fork reuses the cached prefix.
+    let s0 = e.stats().unwrap();
+    e.fork(&parent, 10, 1, SamplingParams::greedy(4)).unwrap();
+    let s1 = e.stats().unwrap();
+    assert!(s1.reused_tokens > s0.reused_tokens);
+    // After a swap the cache is dropped: the fork recomputes the whole prefix under the new adapter.
+    e.set_adapter(write_adapter(&model, "stale.gguf", 8, 0.5, 4), 1.0).unwrap();
+    let s2 = e.stats().unwrap();
+    assert_eq!(s2.cached, 0, "cached KV of the old adapter must be dropped");
+    let f = e.fork(&parent, 10, 1, SamplingParams::greedy(4)).unwrap().remove(0);
+    let s3 = e.stats().unwrap();
+    assert_eq!(s3.reused_tokens, s2.reused_tokens, "no prefix reused across adapter versions");
+    assert!(s3.prefill_tokens - s2.prefill_tokens >= (parent.context.len() + 10) as u64);
+    assert_eq!(f.adapter_version, 1);
+}
+
+#[test]
+fn swap_waits_for_requests_submitted_before_it() {
+    let model = tiny_model("llama");
+    let e = engine(&model, 4, 4096, KvMode::Unified);
+    let long = SamplingParams { ignore_eog: true, ..SamplingParams::greedy(300) };
+    let before = e.submit(GenerateRequest::new(Prompt::Raw("x".into()), 2, long)).unwrap();
+    let adapter = write_adapter(&model, "barrier.gguf", 4, 0.5, 5);
+    let e2 = e.clone();
+    let swapper = std::thread::spawn(move || e2.set_adapter(adapter, 1.0).unwrap());
+    // Wait until the swap sits in the queue behind the running request, then submit another.
+    while e.stats().unwrap().waiting == 0 {
+        std::thread::yield_now();
+    }
+    assert_eq!(e.stats().unwrap().adapter_version, 0, "the swap must wait for the running request");
+    let after = e.generate(GenerateRequest::new(Prompt::Raw("y".into()), 1, SamplingParams::greedy(4))).unwrap();
+    assert_eq!(swapper.join().unwrap(), 1);
+    for t in before.wait().unwrap() {
+        assert_eq!(t.adapter_version, 0, "submitted before the swap, so sampled on the old adapter");
+        assert_eq!(t.tokens.len(), 300);
+    }
+    assert_eq!(after[0].adapter_version, 1);
+}
+
+#[test]
+fn a_thousand_swaps_keep_resident_memory_flat() {
+    let model = real_model();
+    let e = engine(&model, 2, 1024, KvMode::Unified);
+    let a = write_adapter(&model, "swap-a.gguf", 8, 0.0, 6);
+    let b = write_adapter(&model, "swap-b.gguf", 8, 0.5, 7);
+    let size_kib = std::fs::metadata(&a).unwrap().len() / 1024;
+    for i in 0..100 {
+        e.set_adapter(if i % 2 == 0 { &a } else { &b }, 1.0).unwrap();
+    }
+    let start = rss_kib();
+    for i in 0..1000 {
+        e.set_adapter(if i % 2 == 0 { &a } else { &b }, 1.0).unwrap();
+    }
+    e.generate(greedy_req()).unwrap();
+    let growth = rss_kib().saturating_sub(start);
+    // A leaked adapter per swap would grow by 1,000 × its size.
+    assert!(growth < 20 * 1024, "RSS grew by {growth} KiB over 1,000 swaps of a {size_kib} KiB adapter");
+    // The check only means something if a leak would be far above the threshold.
+    assert!(1000 * size_kib >= 10 * 20 * 1024, "adapter of {size_kib} KiB too small for the leak check");
+    assert_eq!(e.stats().unwrap().adapter_version, 1100);
+}
