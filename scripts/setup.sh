@@ -20,4 +20,4 @@ if ! command -v cargo >/dev/null 2>&1; then
   . "$HOME/.cargo/env"
 fi
 cargo fetch --locked --quiet
-scripts/fetch-model.sh
+scripts/fetch-model.sh smollm2

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/fetch-model.sh gemma3-270m   # the trainer's gemma3 parity test
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 cargo fmt --check
 cargo clippy --release --locked --all-targets -- -D warnings

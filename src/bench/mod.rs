@@ -7,6 +7,7 @@
 //! branch. The engine additionally records every token's log-prob and its steps.
 
 mod raw;
+pub mod train;
 
 use crate::engine::{Engine, EngineConfig, GenerateRequest, KvMode, Prompt, SamplingParams};
 use crate::llama::{Model, ModelParams, Token};

@@ -67,6 +67,8 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Train a LoRA adapter on a JSONL file of scored completions or preference data.
+    Fit(FitArgs),
     /// Write generated arithmetic problems as JSONL to stdout.
     Tasks {
         #[command(flatten)]
@@ -88,6 +90,52 @@ enum Cmd {
 enum BenchCmd {
     /// Rollout engine vs a raw llama.cpp C-API loop on the same workload.
     Rollout(gpo::bench::RolloutArgs),
+    /// Training step (forward + backward + AdamW) vs candle's plain autograd.
+    Train(gpo::bench::train::TrainArgs),
+}
+
+#[derive(Args, Clone)]
+struct FitArgs {
+    /// Training data (JSONL): {"prompt","completion","reward"} for nll/ppo/grpo,
+    /// {"prompt","chosen","rejected"} for dpo/simpo/orpo, {"prompt","completion","label"} for kto.
+    #[arg(long)]
+    data: PathBuf,
+    /// GGUF model (default: the cached SmolLM2-135M-Instruct Q4_1).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// nll, ppo, grpo, dpo, kto, simpo or orpo.
+    #[arg(long, default_value = "grpo")]
+    objective: String,
+    /// Where to write the llama.cpp GGUF LoRA adapter.
+    #[arg(long, default_value = "adapter.gguf")]
+    out: PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// LoRA alpha (default 2 × rank).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Adapted projections, comma separated (q,k,v,o,gate,up,down).
+    #[arg(long, default_value = "q,k,v,o,gate,up,down", value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Items per optimiser step (GRPO keeps groups together).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Sampling temperature the completions were drawn at.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Checkpoint directory (resumes from its newest checkpoint).
+    #[arg(long)]
+    checkpoints: Option<PathBuf>,
+    /// Append one JSON line of metrics per step here.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -225,6 +273,82 @@ fn run_eval(engine: &Engine, tasks: &[Task], cfg: &EvalConfig) -> Result<gpo::ev
     Ok(report)
 }
 
+fn fit(a: FitArgs) -> Result<()> {
+    use gpo::train::{jsonl, LoraConfig, Objective, OptimConfig, Schedule, Target, Trainer, TrainerConfig};
+    let model = match a.model {
+        Some(p) => p,
+        None => gpo::models::default_model()?,
+    };
+    let objective = Objective::by_name(&a.objective)?;
+    let targets = a.targets.iter().map(|t| t.trim().parse::<Target>()).collect::<Result<Vec<_>>>()?;
+    let vocab = gpo::llama::Model::load(
+        &model,
+        &gpo::llama::ModelParams { vocab_only: true, n_gpu_layers: 0, ..Default::default() },
+    )?;
+    let data = jsonl::load(&a.data, &objective, &vocab)?;
+    let batches = data.chunks(a.batch);
+    let total = (batches.len() * a.epochs) as u64;
+    let cfg = TrainerConfig {
+        model,
+        objective,
+        lora: LoraConfig { rank: a.rank, alpha: a.alpha.unwrap_or(2.0 * a.rank as f32), targets, seed: 0 },
+        optim: OptimConfig {
+            lr: a.lr,
+            schedule: Schedule::Cosine,
+            total_steps: total,
+            warmup_steps: total / 20,
+            ..Default::default()
+        },
+        temperature: a.temperature,
+        ..Default::default()
+    };
+    let (mut trainer, resumed) = match &a.checkpoints {
+        Some(dir) => Trainer::resume_or_new(cfg, dir)?,
+        None => (Trainer::new(cfg)?, None),
+    };
+    if let Some(m) = &resumed {
+        eprintln!("resumed from step {}", m.step);
+    }
+    eprintln!(
+        "{} items in {} batches × {} epochs; {} trainable parameters",
+        data.len(),
+        batches.len(),
+        a.epochs,
+        trainer.lora().n_params()
+    );
+    let pb = bar(total as usize, "training");
+    pb.set_position(trainer.steps_done());
+    let mut metrics = match &a.metrics {
+        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| Error::io(p, e))?),
+        None => None,
+    };
+    for step in trainer.steps_done()..total {
+        let r = trainer.step(&batches[(step as usize) % batches.len()])?;
+        if let Some(why) = &r.skipped {
+            pb.println(format!("step {step}: skipped ({why})"));
+        }
+        pb.set_message(format!("loss {:.4} | {:.0} tok/s", r.loss, r.tokens_per_s));
+        pb.inc(1);
+        if let Some(f) = metrics.as_mut() {
+            use std::io::Write;
+            writeln!(f, "{}", serde_json::to_string(&r).expect("report serialises"))
+                .map_err(|e| Error::io(a.metrics.as_ref().expect("path"), e))?;
+        }
+        if let Some(dir) = &a.checkpoints {
+            trainer.save_checkpoint(dir, serde_json::Value::Null)?;
+        }
+    }
+    pb.finish_and_clear();
+    trainer.export_adapter(&a.out)?;
+    println!(
+        "adapter written to {} ({} steps); load it with `gpo eval --adapter {}`",
+        a.out.display(),
+        trainer.steps_done(),
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GPO_LOG").unwrap_or_else(|_| "warn".into()))
@@ -311,6 +435,7 @@ fn run(cli: Cli) -> Result<()> {
                     .map_err(|e| Error::io(&p, e))?;
             }
         }
+        Cmd::Fit(args) => fit(args)?,
         Cmd::Tasks { tasks } => {
             for t in tasks.load()? {
                 println!("{}", serde_json::to_string(&t).expect("task serialises"));
@@ -318,6 +443,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { which } => match which {
             BenchCmd::Rollout(args) => gpo::bench::rollout(&args)?,
+            BenchCmd::Train(args) => gpo::bench::train::train(&args)?,
         },
         Cmd::Info { engine } => {
             let cfg = engine.config()?;

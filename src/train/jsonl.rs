@@ -78,7 +78,11 @@ pub fn load(path: &Path, objective: &Objective, model: &Model) -> Result<Batch> 
                 });
             }
             Objective::Dpo { .. } | Objective::Simpo { .. } | Objective::Orpo { .. } => {
-                pairs.push(Pair { chosen: tok("chosen", &row.chosen)?, rejected: tok("rejected", &row.rejected)?, prompt });
+                pairs.push(Pair {
+                    chosen: tok("chosen", &row.chosen)?,
+                    rejected: tok("rejected", &row.rejected)?,
+                    prompt,
+                });
             }
             Objective::Kto { .. } => {
                 let desirable = row.label.ok_or_else(|| bad("missing \"label\" (true/false, needed by kto)".into()))?;
@@ -112,7 +116,9 @@ impl Batch {
                 }
                 let mut out: Vec<Vec<Completion>> = vec![Vec::new()];
                 for g in groups {
-                    if !out.last().expect("non-empty").is_empty() && out.last().expect("non-empty").len() + g.len() > size {
+                    if !out.last().expect("non-empty").is_empty()
+                        && out.last().expect("non-empty").len() + g.len() > size
+                    {
                         out.push(Vec::new());
                     }
                     out.last_mut().expect("non-empty").extend(g);

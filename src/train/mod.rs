@@ -70,6 +70,12 @@ pub struct TrainerConfig {
     pub pi_old: PiOld,
     /// Fixed KTO reference point (None = the clamped batch estimate, as TRL does).
     pub kto_z_ref: Option<f64>,
+    /// Recompute activations block by block in the backward pass (memory bounded by one block,
+    /// for long reasoning traces) instead of keeping them (faster for short sequences).
+    pub recompute: bool,
+    /// Optimiser steps per batch (PPO epochs). With 1, π_old is the current policy and comes out
+    /// of the gradient pass itself; with more, it is computed once before the first epoch.
+    pub epochs: usize,
     /// Use candle's plain autograd (frozen-weight gradients computed, no activation
     /// recomputation): the in-process baseline of `gpo bench train`, not for real runs.
     pub plain_autograd: bool,
@@ -106,6 +112,8 @@ impl Default for TrainerConfig {
             f64: false,
             pi_old: PiOld::Trainer,
             kto_z_ref: None,
+            recompute: true,
+            epochs: 1,
             plain_autograd: false,
             ggml_cpu_gelu: false,
         }
@@ -165,6 +173,8 @@ pub struct Trainer {
     sink: GradSink,
     step: u64,
     fingerprint: String,
+    /// π_old fixed for the epochs of one step (None: take it from the gradient pass).
+    frozen_old: Option<Vec<Vec<f64>>>,
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
@@ -192,7 +202,7 @@ impl Trainer {
         let fingerprint = checkpoint::fingerprint(&cfg.model)?;
         let lora = Lora::new(&weights, &LoraConfig { seed: cfg.lora.seed ^ cfg.seed, ..cfg.lora.clone() })?;
         let optim = AdamW::new(cfg.optim.clone(), &lora.vars())?;
-        Ok(Trainer { cfg, weights, lora, optim, sink: GradSink::default(), step: 0, fingerprint })
+        Ok(Trainer { cfg, weights, lora, optim, sink: GradSink::default(), step: 0, fingerprint, frozen_old: None })
     }
 
     /// Settings.
@@ -222,6 +232,7 @@ impl Trainer {
             sink: &self.sink,
             head_chunk: self.cfg.head_chunk,
             plain: self.cfg.plain_autograd,
+            recompute: self.cfg.recompute,
         }
     }
 
@@ -324,26 +335,26 @@ impl Trainer {
                 })
                 .collect(),
         };
-        // π_old from the trainer itself, before the update (or the rollout's log-probs); the
-        // reference when a KL term is on.
-        let old: Vec<Vec<f64>> = items
-            .iter()
-            .map(|c| match (self.cfg.pi_old, &c.behaviour_logprobs) {
-                (PiOld::Behaviour, Some(mu)) => Ok(mu.iter().map(|&x| x as f64).collect()),
-                _ => self.logprobs(&c.prompt, &c.completion, true),
-            })
-            .collect::<Result<_>>()?;
+        // π_old: the rollout's log-probs, the policy before several epochs, or (one epoch) the
+        // current policy itself, read off the gradient pass below.
+        let fixed_old: Option<Vec<Vec<f64>>> = match self.cfg.pi_old {
+            PiOld::Behaviour => items
+                .iter()
+                .map(|c| c.behaviour_logprobs.as_ref().map(|mu| mu.iter().map(|&x| x as f64).collect()))
+                .collect(),
+            PiOld::Trainer => self.frozen_old.clone(),
+        };
         let reference: Option<Vec<Vec<f64>>> = if self.cfg.kl_coef > 0.0 {
             Some(items.iter().map(|c| self.logprobs(&c.prompt, &c.completion, false)).collect::<Result<_>>()?)
         } else {
             None
         };
-        self.gap(items, &old, report);
         let dev = self.weights.device.clone();
         let dt = self.weights.dtype;
         let vec_t = |v: &[f64]| Tensor::from_slice(v, v.len(), &dev).and_then(|t| t.to_dtype(dt)).map_err(cerr);
         let mut loss = 0.0;
         let (mut clipped, mut kl_sum) = (0usize, 0.0);
+        let mut olds: Vec<Vec<f64>> = Vec::with_capacity(items.len());
         for r in self.micro_batches(items.len()) {
             let mut parts = Vec::new();
             for i in r {
@@ -352,15 +363,19 @@ impl Trainer {
                     Aggregation::TokenMean => total_tokens as f64,
                     Aggregation::SequenceMean => (c.completion.len() * items.len()) as f64,
                 };
+                let lp = self.lp_grad(&c.prompt, &c.completion)?;
+                let lp_now = to_vec(&lp)?;
+                let (old_vals, old_t) = match &fixed_old {
+                    Some(o) => (o[i].clone(), vec_t(&o[i])?),
+                    None => (lp_now.clone(), lp.detach()),
+                };
                 let weights = match (self.cfg.tis_cap, &c.behaviour_logprobs) {
                     (Some(cap), Some(mu)) => Some(vec_t(
-                        &old[i].iter().zip(mu).map(|(o, m)| (o - *m as f64).exp().min(cap)).collect::<Vec<_>>(),
+                        &old_vals.iter().zip(mu).map(|(o, m)| (o - *m as f64).exp().min(cap)).collect::<Vec<_>>(),
                     )?),
                     _ => None,
                 };
-                let lp = self.lp_grad(&c.prompt, &c.completion)?;
-                let lp_now = to_vec(&lp)?;
-                clipped += lp_now.iter().zip(&old[i]).filter(|(l, o)| ((*l - *o).exp() - 1.0).abs() > clip).count();
+                clipped += lp_now.iter().zip(&old_vals).filter(|(l, o)| ((*l - *o).exp() - 1.0).abs() > clip).count();
                 let refs = reference.as_ref().map(|r| vec_t(&r[i])).transpose()?;
                 if let Some(rf) = reference.as_ref() {
                     kl_sum += lp_now.iter().zip(&rf[i]).map(|(l, r)| (r - l).exp() - (r - l) - 1.0).sum::<f64>();
@@ -368,7 +383,7 @@ impl Trainer {
                 parts.push(
                     loss::policy_sequence(
                         &lp,
-                        &vec_t(&old[i])?,
+                        &old_t,
                         advantages[i],
                         clip,
                         weights.as_ref(),
@@ -377,9 +392,11 @@ impl Trainer {
                     )
                     .map_err(cerr)?,
                 );
+                olds.push(old_vals);
             }
             loss += self.backward(parts)?;
         }
+        self.gap(items, &olds, report);
         report.clip_fraction = Some(clipped as f64 / total_tokens as f64);
         report.kl = reference.map(|_| kl_sum / total_tokens as f64);
         Ok(loss)

@@ -159,6 +159,9 @@ pub struct Forward<'a> {
     /// candle's plain autograd: matmuls that also compute frozen-weight gradients, no activation
     /// recomputation, one head pass (the baseline of `gpo bench train`).
     pub plain: bool,
+    /// Recompute each block in the backward pass instead of keeping its activations (bounded
+    /// memory for long sequences at the cost of one more forward).
+    pub recompute: bool,
 }
 
 impl Forward<'_> {
@@ -218,7 +221,7 @@ impl Forward<'_> {
                 .map_err(cerr)?
                 .unwrap_or_default();
             let lora = BlockLora { pairs, plain: self.plain };
-            if grad && !self.plain {
+            if grad && !self.plain && self.recompute {
                 let (bw, cfg, tb) = (bw.clone(), Arc::new(cfg.clone()), tb.clone());
                 let params = self.lora.map(|l| l.block_vars(il)).unwrap_or_default();
                 x = checkpoint(&x, params, self.sink, move |x| block(x, &bw, &lora, scale, &cfg, il, &tb))
@@ -239,7 +242,7 @@ impl Forward<'_> {
             let tg = Tensor::from_slice(&targets[c0..c0 + len], len, dev).map_err(cerr)?;
             let hc = h.narrow(0, c0, len).map_err(cerr)?;
             let (out, softcap, plain) = (w.output.clone(), cfg.final_logit_softcap, self.plain);
-            let part = if grad && !plain {
+            let part = if grad && !plain && self.recompute {
                 checkpoint(&hc, vec![], self.sink, move |h| head(h, &out, &tg, inv_t, softcap, false))
             } else {
                 head(&hc, &out, &tg, inv_t, softcap, plain)
