@@ -10,6 +10,11 @@
 #include <stdbool.h>
 
 /*
+ Root id.
+ */
+#define Tree_ROOT 0
+
+/*
  Result code of every fallible gpo call.
  */
 typedef enum GpoStatus {
@@ -47,6 +52,16 @@ typedef enum GpoStatus {
  A projection LoRA can adapt.
  */
 typedef struct Target Target;
+
+/*
+ File name of the default model.
+ */
+#define DEFAULT_MODEL_FILE (SMOLLM2).file
+
+/*
+ SHA-256 of the default model file.
+ */
+#define DEFAULT_MODEL_SHA256 (SMOLLM2).sha256
 
 
 

@@ -18,11 +18,13 @@ pub struct EvalConfig {
     pub temperature: f32,
     /// Seed of the pass@k samples.
     pub seed: u64,
+    /// System message before each task (None = none).
+    pub system: Option<String>,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { max_tokens: 256, k: 0, temperature: 1.0, seed: 0 }
+        EvalConfig { max_tokens: 256, k: 0, temperature: 1.0, seed: 0, system: None }
     }
 }
 
@@ -79,7 +81,9 @@ pub fn evaluate(
                     seed: cfg.seed.wrapping_add(i as u64 * 7919),
                     ..Default::default()
                 };
-                engine.submit(GenerateRequest::new(Prompt::user(&t.prompt), cfg.k, sp)).map(Some)
+                engine
+                    .submit(GenerateRequest::new(Prompt::with_system(cfg.system.as_deref(), &t.prompt), cfg.k, sp))
+                    .map(Some)
             })
             .collect::<Result<_>>()?
     } else {

@@ -6,7 +6,9 @@
 //! same GGUF weights, and adapters hot-swap back into the rollout engine.
 //!
 //! Layers, in the direction data flows: [`engine`] (llama.cpp rollouts with log-probs, steps,
-//! KV forks, adapters) → [`reward`] (verifiers) → [`eval`]. The C ABI lives in [`ffi`].
+//! KV forks, adapters) → [`tree`] (prefix values, critical step) → [`reward`] (verifiers) →
+//! [`train`] (candle LoRA trainer) → adapter → engine. [`gpo`] sequences them; [`eval`]
+//! measures; the C ABI lives in [`ffi`].
 
 pub mod bench;
 pub mod engine;
@@ -14,11 +16,13 @@ pub mod error;
 pub mod eval;
 pub mod ffi;
 pub mod gguf;
+pub mod gpo;
 pub mod llama;
 pub mod models;
 pub mod reward;
 pub mod task;
 pub mod train;
+pub mod tree;
 
 pub use error::{Error, Result};
 

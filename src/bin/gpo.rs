@@ -66,6 +66,33 @@ enum Cmd {
         /// Write per-task results as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// System message before each task.
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// Run GPO (or a baseline) from a TOML config; re-running the same command resumes.
+    Train {
+        /// Run configuration (TOML; see configs/).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Plot held-out accuracy and reward per iteration of one or more runs (SVG).
+    Plot {
+        /// Run directories.
+        #[arg(long = "run", required = true)]
+        runs: Vec<PathBuf>,
+        /// Output SVG.
+        #[arg(long, default_value = "plot.svg")]
+        out: PathBuf,
+    },
+    /// Merge a run's critical-step pairs and reset rollouts into TRL-shaped JSONL files.
+    Export {
+        /// Run directory.
+        #[arg(long)]
+        run: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Train a LoRA adapter on a JSONL file of scored completions or preference data.
     Fit(FitArgs),
@@ -273,6 +300,62 @@ fn run_eval(engine: &Engine, tasks: &[Task], cfg: &EvalConfig) -> Result<gpo::ev
     Ok(report)
 }
 
+struct Bars {
+    bar: ProgressBar,
+}
+
+impl gpo::gpo::Progress for Bars {
+    fn phase(&mut self, iteration: usize, what: &str) {
+        self.bar.set_message(format!("iteration {iteration}: {what}"));
+    }
+    fn iteration(&mut self, r: &gpo::gpo::MetricsRow) {
+        self.bar.inc(1);
+        let held = r.heldout_accuracy.map(|a| format!(", held-out {:.1}%", 100.0 * a)).unwrap_or_default();
+        self.bar.println(format!(
+            "iter {:>3} reward {:.3} loss {} critical {:?} value-cost {:.0}% rollouts {} ({:.0} tok/s) train {:.0} tok/s{held}",
+            r.iteration,
+            r.reward_mean,
+            r.loss.map_or("-".into(), |l| format!("{l:.4}")),
+            r.critical_histogram,
+            100.0 * r.value_cost,
+            r.collect.total_rollouts(),
+            r.rollout_tokens_per_s,
+            r.train_tokens_per_s,
+        ));
+    }
+}
+
+fn train_run(config: &std::path::Path) -> Result<()> {
+    let cfg = gpo::gpo::RunConfig::load(config)?;
+    let done = gpo::gpo::read_metrics(&cfg.output)?.len();
+    eprintln!(
+        "run: {} mode, {} iterations → {}{}",
+        cfg.mode.name(),
+        cfg.iterations,
+        cfg.output.display(),
+        if done > 0 { format!(" (resuming after {done})") } else { String::new() }
+    );
+    let bar = bar(cfg.iterations, "starting");
+    bar.set_position(done as u64);
+    let rows = gpo::gpo::run(&cfg, &mut Bars { bar: bar.clone() })?;
+    bar.finish_and_clear();
+    let initial: Option<f64> = std::fs::read_to_string(cfg.output.join("eval-initial.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["heldout_accuracy"].as_f64());
+    let fin = rows.iter().rev().find_map(|r| r.heldout_accuracy);
+    if let (Some(a), Some(b)) = (initial, fin) {
+        println!("held-out accuracy: {:.1}% → {:.1}%", 100.0 * a, 100.0 * b);
+    }
+    gpo::gpo::plot::plot(&[cfg.output.as_path()], &cfg.output.join("plot.svg"))?;
+    println!(
+        "metrics: {}  plot: {}",
+        cfg.output.join("metrics.jsonl").display(),
+        cfg.output.join("plot.svg").display()
+    );
+    Ok(())
+}
+
 fn fit(a: FitArgs) -> Result<()> {
     use gpo::train::{jsonl, LoraConfig, Objective, OptimConfig, Schedule, Target, Trainer, TrainerConfig};
     let model = match a.model {
@@ -385,7 +468,11 @@ fn run(cli: Cli) -> Result<()> {
                     println!("  [{k}] {}", engine.model().detokenize(&t.tokens[s.start..s.end]).trim_end());
                 }
             }
-            let report = run_eval(&engine, &tasks, &EvalConfig { max_tokens: 160, k: 4, temperature: 0.8, seed: 7 })?;
+            let report = run_eval(
+                &engine,
+                &tasks,
+                &EvalConfig { max_tokens: 160, k: 4, temperature: 0.8, seed: 7, system: None },
+            )?;
             println!(
                 "\nheld-out accuracy on {} generated problems: greedy {:.1}%, pass@4 {:.1}%, mean sample accuracy {:.1}%",
                 report.tasks,
@@ -415,13 +502,13 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Eval { engine, tasks, adapter, k, max_tokens, out } => {
+        Cmd::Eval { engine, tasks, adapter, k, max_tokens, out, system } => {
             let engine = Engine::start(engine.config()?)?;
             if let Some(a) = adapter {
                 engine.set_adapter(a, 1.0)?;
             }
             let tasks = tasks.load()?;
-            let report = run_eval(&engine, &tasks, &EvalConfig { max_tokens, k, ..Default::default() })?;
+            let report = run_eval(&engine, &tasks, &EvalConfig { max_tokens, k, system, ..Default::default() })?;
             println!("tasks {}  greedy accuracy {:.1}%", report.tasks, 100.0 * report.greedy_accuracy);
             if k > 0 {
                 println!(
@@ -436,6 +523,17 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Fit(args) => fit(args)?,
+        Cmd::Train { config } => train_run(&config)?,
+        Cmd::Plot { runs, out } => {
+            let refs: Vec<&std::path::Path> = runs.iter().map(|p| p.as_path()).collect();
+            gpo::gpo::plot::plot(&refs, &out)?;
+            println!("plot written to {}", out.display());
+        }
+        Cmd::Export { run, out } => {
+            for (kind, path, rows) in gpo::gpo::export::merge(&run, &out)? {
+                println!("{kind}: {rows} rows → {}", path.display());
+            }
+        }
         Cmd::Tasks { tasks } => {
             for t in tasks.load()? {
                 println!("{}", serde_json::to_string(&t).expect("task serialises"));

@@ -378,18 +378,7 @@ impl Engine {
         n: usize,
         sampling: SamplingParams,
     ) -> Result<GenerateRequest> {
-        if at > parent.tokens.len() {
-            return Err(Error::invalid(
-                "at",
-                format!("fork position {at} is past the trajectory's {} tokens", parent.tokens.len()),
-            ));
-        }
-        let mut tokens = parent.context.as_ref().clone();
-        tokens.extend_from_slice(&parent.tokens[..at]);
-        let mut req = GenerateRequest::new(Prompt::Tokens(tokens), n, sampling);
-        req.prompt_len = Some(parent.prompt_len);
-        req.origin = Some(ForkOrigin { parent: parent.id, at });
-        Ok(req)
+        GenerateRequest::continuing(parent, at, n, sampling)
     }
 
     /// Samples `n` continuations of `parent` from its `at`-th generated token. The prefix KV is

@@ -101,6 +101,14 @@ impl Prompt {
         Prompt::Chat(vec![ChatMessage::user(text)])
     }
 
+    /// A user message after an optional system message.
+    pub fn with_system(system: Option<&str>, text: impl Into<String>) -> Prompt {
+        let mut m: Vec<ChatMessage> =
+            system.map(|s| ChatMessage { role: "system".into(), content: s.into() }).into_iter().collect();
+        m.push(ChatMessage::user(text));
+        Prompt::Chat(m)
+    }
+
     /// The prompt's tokens as the engine feeds them (chat template with special tokens, raw
     /// text with BOS as the model wants, or the ids themselves after a vocabulary check).
     pub fn tokens(&self, model: &Model) -> Result<Vec<Token>> {
@@ -167,5 +175,22 @@ impl GenerateRequest {
             prompt_len: None,
             origin: None,
         }
+    }
+
+    /// `n` continuations of `parent` after its first `at` generated tokens (the request behind
+    /// a KV fork).
+    pub fn continuing(parent: &super::Trajectory, at: usize, n: usize, sampling: SamplingParams) -> Result<Self> {
+        if at > parent.tokens.len() {
+            return Err(Error::invalid(
+                "at",
+                format!("fork position {at} is past the trajectory's {} tokens", parent.tokens.len()),
+            ));
+        }
+        let mut tokens = parent.context.as_ref().clone();
+        tokens.extend_from_slice(&parent.tokens[..at]);
+        let mut req = GenerateRequest::new(Prompt::Tokens(tokens), n, sampling);
+        req.prompt_len = Some(parent.prompt_len);
+        req.origin = Some(ForkOrigin { parent: parent.id, at });
+        Ok(req)
     }
 }

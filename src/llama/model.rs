@@ -284,6 +284,31 @@ impl Model {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// Text of a token sequence with special tokens rendered (`<|im_start|>` …), as a
+    /// tokenizer with special-token parsing would read it back.
+    pub fn detokenize_special(&self, tokens: &[Token]) -> String {
+        let mut bytes = Vec::new();
+        for &t in tokens {
+            if !(0..self.n_vocab()).contains(&t) {
+                continue;
+            }
+            let mut buf = vec![0u8; 64];
+            loop {
+                // SAFETY: buf is writable for its length; the id is in range.
+                let n = unsafe {
+                    sys::llama_token_to_piece(self.vocab, t, buf.as_mut_ptr().cast(), buf.len() as i32, 0, true)
+                };
+                if n < 0 {
+                    buf.resize((-n) as usize, 0);
+                    continue;
+                }
+                bytes.extend_from_slice(&buf[..n as usize]);
+                break;
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
     /// True when every id is a valid token of this vocabulary.
     pub fn valid_tokens(&self, tokens: &[Token]) -> bool {
         let n = self.n_vocab();
