@@ -64,14 +64,13 @@ pub fn evaluate(
     cfg: &EvalConfig,
     mut progress: impl FnMut(usize),
 ) -> Result<EvalReport> {
-    let greedy: Vec<_> = tasks
-        .iter()
-        .map(|t| {
-            engine.submit(GenerateRequest::new(Prompt::user(&t.prompt), 1, SamplingParams::greedy(cfg.max_tokens)))
-        })
-        .collect::<Result<_>>()?;
-    let sampled: Vec<_> = if cfg.k > 0 {
-        tasks
+    let prompt = |t: &Task| Prompt::with_system(cfg.system.as_deref(), &t.prompt);
+    // Each set is submitted as one unit, so batching (and the sampled tokens) is reproducible.
+    let greedy = engine.submit_many(
+        tasks.iter().map(|t| GenerateRequest::new(prompt(t), 1, SamplingParams::greedy(cfg.max_tokens))).collect(),
+    )?;
+    let sampled: Vec<Option<crate::engine::RequestHandle>> = if cfg.k > 0 {
+        let reqs = tasks
             .iter()
             .enumerate()
             .map(|(i, t)| {
@@ -81,11 +80,10 @@ pub fn evaluate(
                     seed: cfg.seed.wrapping_add(i as u64 * 7919),
                     ..Default::default()
                 };
-                engine
-                    .submit(GenerateRequest::new(Prompt::with_system(cfg.system.as_deref(), &t.prompt), cfg.k, sp))
-                    .map(Some)
+                GenerateRequest::new(prompt(t), cfg.k, sp)
             })
-            .collect::<Result<_>>()?
+            .collect();
+        engine.submit_many(reqs)?.into_iter().map(Some).collect()
     } else {
         tasks.iter().map(|_| None).collect()
     };

@@ -69,6 +69,9 @@ enum Cmd {
         /// System message before each task.
         #[arg(long)]
         system: Option<String>,
+        /// Temperature of the pass@k samples.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
     },
     /// Run GPO (or a baseline) from a TOML config; re-running the same command resumes.
     Train {
@@ -502,13 +505,14 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Eval { engine, tasks, adapter, k, max_tokens, out, system } => {
+        Cmd::Eval { engine, tasks, adapter, k, max_tokens, out, system, temperature } => {
             let engine = Engine::start(engine.config()?)?;
             if let Some(a) = adapter {
                 engine.set_adapter(a, 1.0)?;
             }
             let tasks = tasks.load()?;
-            let report = run_eval(&engine, &tasks, &EvalConfig { max_tokens, k, system, ..Default::default() })?;
+            let report =
+                run_eval(&engine, &tasks, &EvalConfig { max_tokens, k, system, temperature, ..Default::default() })?;
             println!("tasks {}  greedy accuracy {:.1}%", report.tasks, 100.0 * report.greedy_accuracy);
             if k > 0 {
                 println!(

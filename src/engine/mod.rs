@@ -319,6 +319,24 @@ impl Engine {
 
     /// Submits a request and returns at once; see [`RequestHandle`].
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestHandle> {
+        Ok(self.submit_many(vec![req])?.remove(0))
+    }
+
+    /// Submits several requests as one unit: the engine admits them together, so how they are
+    /// batched (and therefore every sampled token) does not depend on thread timing.
+    pub fn submit_many(&self, reqs: Vec<GenerateRequest>) -> Result<Vec<RequestHandle>> {
+        let mut jobs = Vec::with_capacity(reqs.len());
+        let mut handles = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let (job, handle) = self.prepare(req)?;
+            jobs.push(Arc::new(job));
+            handles.push(handle);
+        }
+        self.send(Command::Submit(jobs))?;
+        Ok(handles)
+    }
+
+    fn prepare(&self, req: GenerateRequest) -> Result<(Job, RequestHandle)> {
         if req.n == 0 {
             return Err(Error::invalid("n", "a request needs at least one sequence"));
         }
@@ -355,8 +373,8 @@ impl Engine {
             events: events_tx,
             cancelled: cancelled.clone(),
         };
-        self.send(Command::Submit(Arc::new(job)))?;
-        Ok(RequestHandle { id, n: req.n, events, cancelled, wake: self.inner.tx.clone(), done: false })
+        let handle = RequestHandle { id, n: req.n, events, cancelled, wake: self.inner.tx.clone(), done: false };
+        Ok((job, handle))
     }
 
     /// Submits and waits.
@@ -364,10 +382,9 @@ impl Engine {
         self.submit(req)?.wait()
     }
 
-    /// Submits several requests at once (they share batches) and waits for all.
+    /// Submits several requests as one unit (they share batches) and waits for all.
     pub fn generate_many(&self, reqs: Vec<GenerateRequest>) -> Result<Vec<Vec<Trajectory>>> {
-        let handles = reqs.into_iter().map(|r| self.submit(r)).collect::<Result<Vec<_>>>()?;
-        handles.into_iter().map(RequestHandle::wait).collect()
+        self.submit_many(reqs)?.into_iter().map(RequestHandle::wait).collect()
     }
 
     /// Builds the request that continues `parent` after its first `at` generated tokens.

@@ -38,7 +38,8 @@ pub(crate) struct Job {
 
 /// Messages to the engine thread.
 pub(crate) enum Command {
-    Submit(Arc<Job>),
+    /// Jobs admitted together (one command, so their batching does not depend on timing).
+    Submit(Vec<Arc<Job>>),
     SetAdapter {
         adapter: Option<(Arc<LoraAdapter>, f32)>,
         reply: Sender<Result<u64>>,
@@ -187,11 +188,13 @@ impl Scheduler {
 
     fn command(&mut self, c: Command) -> bool {
         match c {
-            Command::Submit(job) => {
-                self.stats.requests += 1;
-                for i in 0..job.n {
-                    let follows = (i > 0 && self.prefix_cache).then_some(0);
-                    self.queue.push_back(Pending::Seq(Waiting::new(job.clone(), i, follows)));
+            Command::Submit(jobs) => {
+                for job in jobs {
+                    self.stats.requests += 1;
+                    for i in 0..job.n {
+                        let follows = (i > 0 && self.prefix_cache).then_some(0);
+                        self.queue.push_back(Pending::Seq(Waiting::new(job.clone(), i, follows)));
+                    }
                 }
             }
             Command::SetAdapter { adapter, reply } => self.queue.push_back(Pending::Adapter { adapter, reply }),

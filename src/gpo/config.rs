@@ -258,6 +258,9 @@ pub struct TrainSection {
     pub train_on_value_rollouts: bool,
     /// Truncated importance sampling cap against the rollout log-probs (None = off).
     pub tis_cap: Option<f64>,
+    /// Recompute activations block by block in the backward pass (bounded memory for long
+    /// traces); off is faster for short ones. Default true.
+    pub recompute: bool,
 }
 
 impl Default for TrainSection {
@@ -280,6 +283,7 @@ impl Default for TrainSection {
             epochs: 1,
             train_on_value_rollouts: false,
             tis_cap: None,
+            recompute: true,
         }
     }
 }

@@ -231,6 +231,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
         temperature: cfg.rollout.temperature.max(1e-3) as f64,
         micro_batch: t.micro_batch,
         epochs: t.epochs.max(1),
+        recompute: t.recompute,
         ..Default::default()
     };
     let mut trainer = Trainer::new(tcfg)?;
@@ -239,12 +240,13 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
         Some(ckpt) => Some(trainer.load_checkpoint(ckpt)?),
         None => None,
     };
-    let (start, mut cursor) = match &manifest {
+    let (start, mut cursor, mut carry) = match &manifest {
         Some(m) => (
             m.extra["iteration"].as_u64().unwrap_or(0) as usize + 1,
             m.extra["task_cursor"].as_u64().unwrap_or(0) as usize,
+            m.extra["budget_carry"].as_i64().unwrap_or(0),
         ),
-        None => (0, 0),
+        None => (0, 0, 0i64),
     };
     roll_back(&dir, start)?;
     let engine = Engine::start(EngineConfig {
@@ -279,6 +281,9 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
         progress.phase(it, "sampling");
         let collector = Collector { engine: &engine, verifier: &verifier, cfg, iteration: it };
         let mut data = Collected::default();
+        // Waves until this iteration's budget is spent; the over- or under-spend carries to the
+        // next iteration, so cumulative budgets of different modes match to within one wave.
+        let budget = cfg.rollout.budget_tokens as i64 + carry;
         let mut wave = 0;
         loop {
             let tasks: Vec<Task> =
@@ -286,9 +291,12 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
             cursor += tasks.len();
             collector.wave(wave, &tasks, &mut data)?;
             wave += 1;
-            if cfg.rollout.budget_tokens == 0 || data.stats.total_tokens() >= cfg.rollout.budget_tokens {
+            if cfg.rollout.budget_tokens == 0 || data.stats.total_tokens() as i64 >= budget {
                 break;
             }
+        }
+        if cfg.rollout.budget_tokens > 0 {
+            carry = budget - data.stats.total_tokens() as i64;
         }
         progress.phase(it, "training");
         let batch = match cfg.mode {
@@ -355,7 +363,10 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
             f.sync_all().map_err(|e| Error::io(dir.metrics(), e))?;
         }
         let iter_dir = dir.checkpoints().join(format!("iter-{it:05}"));
-        trainer.save_checkpoint(&iter_dir, serde_json::json!({ "iteration": it, "task_cursor": cursor }))?;
+        trainer.save_checkpoint(
+            &iter_dir,
+            serde_json::json!({ "iteration": it, "task_cursor": cursor, "budget_carry": carry }),
+        )?;
         // Older checkpoints are no longer needed once this one is complete.
         prune_checkpoints(&dir.checkpoints(), it);
         progress.iteration(&row);
