@@ -39,19 +39,216 @@ typedef enum GpoStatus {
    */
   GPO_CANCELLED = 4,
   /*
-   A Rust panic was caught at the boundary (a bug in gpo; please report it).
+   A Rust panic was caught at the boundary (a bug in gpo; please report it). The handles the
+   call used should only be freed afterwards.
    */
   GPO_PANIC = 5,
   /*
    Anything else; see gpo_last_error().
    */
   GPO_INTERNAL_ERROR = 6,
+  /*
+   A user callback returned an error.
+   */
+  GPO_CALLBACK_ERROR = 7,
 } GpoStatus;
+
+/*
+ A rollout engine (model + llama.cpp context + its thread).
+ Thread-safety: every function taking a `const GpoEngine *` may be called from any thread
+ concurrently; requests from different threads share decode batches.
+ */
+typedef struct GpoEngine GpoEngine;
+
+/*
+ A whole GPO run (see `gpo train --config`). Thread-safety: gpo_run_start() from one thread;
+ gpo_run_cancel() from any thread.
+ */
+typedef struct GpoRun GpoRun;
+
+/*
+ A LoRA trainer over a GGUF model. Thread-safety: not thread-safe; use from one thread at a time.
+ */
+typedef struct GpoTrainer GpoTrainer;
+
+/*
+ Trajectories owned by the caller (free with gpo_trajectories_free()).
+ Thread-safety: read-only after creation; may be read from several threads at once.
+ */
+typedef struct GpoTrajectories GpoTrajectories;
+
+/*
+ Monte-Carlo step values of one trajectory.
+ Thread-safety: read-only after creation.
+ */
+typedef struct GpoValues GpoValues;
+
+/*
+ A verifier built from a JSON config (e.g. `{"kind": "numeric"}`, `{"kind": "regex",
+ "pattern": "…"}`, `{"kind": "command", "command": ["./check"], "timeout_ms": 2000}`).
+ Thread-safety: may be used from several threads at once.
+ */
+typedef struct GpoVerifier GpoVerifier;
 
 /*
  A projection LoRA can adapt.
  */
 typedef struct Target Target;
+
+/*
+ Engine settings (take them from gpo_engine_default_params() and change what you need).
+ */
+typedef struct GpoEngineParams {
+  /*
+   Layers offloaded to the GPU (-1 = all; ignored by CPU builds).
+   */
+  int32_t n_gpu_layers;
+  /*
+   CPU threads (0 = all cores).
+   */
+  int32_t n_threads;
+  /*
+   KV cells per sequence (longest prompt + completion).
+   */
+  uint32_t n_ctx_per_seq;
+  /*
+   Parallel sequences.
+   */
+  uint32_t n_parallel;
+  /*
+   true = one KV pool shared by all sequences; false = per-sequence KV (default).
+   */
+  bool kv_unified;
+} GpoEngineParams;
+
+/*
+ Sampling settings of one call.
+ */
+typedef struct GpoSamplingParams {
+  /*
+   Temperature (0 = greedy). Default 1.
+   */
+  float temperature;
+  /*
+   Top-k (0 = off).
+   */
+  int32_t top_k;
+  /*
+   Top-p in (0, 1] (1 = off).
+   */
+  float top_p;
+  /*
+   Min-p in [0, 1) (0 = off).
+   */
+  float min_p;
+  /*
+   Tokens per sample (default 256).
+   */
+  uint32_t max_tokens;
+  /*
+   Seed.
+   */
+  uint64_t seed;
+} GpoSamplingParams;
+
+/*
+ Settings of gpo_step_values().
+ */
+typedef struct GpoValueParams {
+  /*
+   Continuations per prefix (M). Default 4.
+   */
+  uint32_t rollouts;
+  /*
+   0 = abs (largest |A_i|), 1 = drop (smallest A_i), 2 = gain (largest A_i).
+   */
+  int32_t critical_mode;
+  /*
+   Sampling of the continuations.
+   */
+  struct GpoSamplingParams sampling;
+} GpoValueParams;
+
+/*
+ A reward callback: scores `completion` (the generated text; `prompt` is the trajectory's
+ context as text) into `*score` and returns 0, or returns non-zero to abort the calling
+ function with GPO_CALLBACK_ERROR. Called on the calling thread; the strings are borrowed for
+ the duration of the call.
+ */
+typedef int32_t (*GpoRewardFn)(void *user_data,
+                               const char *prompt,
+                               const char *completion,
+                               float *score);
+
+/*
+ What one training step did.
+ */
+typedef struct GpoStepReport {
+  /*
+   Steps applied so far.
+   */
+  uint64_t step;
+  /*
+   Loss.
+   */
+  double loss;
+  /*
+   Gradient norm before clipping.
+   */
+  double grad_norm;
+  /*
+   Completion tokens per second.
+   */
+  double tokens_per_s;
+  /*
+   Mean |learner − rollout| log-prob per token (NaN when unknown).
+   */
+  double logprob_gap;
+  /*
+   true when the step was skipped (non-finite input or gradient) and not applied.
+   */
+  bool skipped;
+} GpoStepReport;
+
+/*
+ Progress of a run, passed to the progress callback after every iteration.
+ */
+typedef struct GpoProgress {
+  /*
+   Iteration just finished (0-based).
+   */
+  uintptr_t iteration;
+  /*
+   Iterations of the run.
+   */
+  uintptr_t iterations;
+  /*
+   Mean reward of the root samples.
+   */
+  double reward_mean;
+  /*
+   Loss (NaN when no update was applied).
+   */
+  double loss;
+  /*
+   Held-out accuracy (NaN when not evaluated this iteration).
+   */
+  double heldout_accuracy;
+  /*
+   Adapter version now serving.
+   */
+  uint64_t adapter_version;
+  /*
+   Rollouts of the iteration.
+   */
+  uint64_t rollouts;
+} GpoProgress;
+
+/*
+ Progress callback: return 0 to continue, non-zero to stop the run (gpo_run_start() then
+ returns GPO_CANCELLED; the run resumes from its last checkpoint next time).
+ */
+typedef int32_t (*GpoProgressFn)(void *user_data, const struct GpoProgress *progress);
 
 /*
  File name of the default model.
@@ -97,6 +294,319 @@ enum GpoStatus gpo_model_check(const char *path);
  A static description of a status code. Ownership: static storage; never free it.
  */
 const char *gpo_status_string(enum GpoStatus status);
+
+/*
+ Default engine settings.
+ */
+struct GpoEngineParams gpo_engine_default_params(void);
+
+/*
+ Default sampling settings.
+ */
+struct GpoSamplingParams gpo_sampling_default_params(void);
+
+/*
+ Loads `model_path` (GGUF) and starts an engine. On success `*out` owns a new engine; free it
+ with gpo_engine_free(). `params` may be NULL (defaults). `model_path`: borrowed for the call.
+
+ # Safety
+ `model_path` is NULL or NUL-terminated; `params` is NULL or valid; `out` is NULL or writable.
+ */
+enum GpoStatus gpo_engine_new(const char *model_path,
+                              const struct GpoEngineParams *params,
+                              struct GpoEngine **out);
+
+/*
+ Stops the engine and frees it. NULL is a no-op. Calls in flight on other threads must have
+ returned first.
+
+ # Safety
+ `engine` is NULL or a pointer from gpo_engine_new() not freed before.
+ */
+void gpo_engine_free(struct GpoEngine *engine);
+
+/*
+ Samples `n` completions of `prompt` (a user message through the model's chat template, or raw
+ text when `raw`). On success `*out` owns the trajectories (free with
+ gpo_trajectories_free()). `params` may be NULL (defaults). Blocks until done or cancelled.
+
+ # Safety
+ Pointers are NULL or valid for the call; `out` is NULL or writable.
+ */
+enum GpoStatus gpo_generate(const struct GpoEngine *engine,
+                            const char *prompt,
+                            bool raw,
+                            uintptr_t n,
+                            const struct GpoSamplingParams *params,
+                            struct GpoTrajectories **out);
+
+/*
+ Samples `n` continuations of trajectory `index` of `from` after its first `at` generated
+ tokens, forking its cached KV. On success `*out` owns the new trajectories.
+
+ # Safety
+ Pointers are NULL or valid for the call; `out` is NULL or writable.
+ */
+enum GpoStatus gpo_fork(const struct GpoEngine *engine,
+                        const struct GpoTrajectories *from,
+                        uintptr_t index,
+                        uintptr_t at,
+                        uintptr_t n,
+                        const struct GpoSamplingParams *params,
+                        struct GpoTrajectories **out);
+
+/*
+ Loads a GGUF LoRA adapter and swaps it in at `scale`; `*version_out` (may be NULL) receives
+ the new adapter version. Calls in flight finish on the previous adapter.
+
+ # Safety
+ Pointers are NULL or valid for the call.
+ */
+enum GpoStatus gpo_engine_set_adapter(const struct GpoEngine *engine,
+                                      const char *path,
+                                      float scale,
+                                      uint64_t *version_out);
+
+/*
+ Removes the adapter (back to the base model); `*version_out` (may be NULL) receives the new
+ adapter version.
+
+ # Safety
+ Pointers are NULL or valid for the call.
+ */
+enum GpoStatus gpo_engine_remove_adapter(const struct GpoEngine *engine, uint64_t *version_out);
+
+/*
+ Cancels every call in flight on this engine (from any thread); they return GPO_CANCELLED.
+
+ # Safety
+ `engine` is NULL or valid.
+ */
+enum GpoStatus gpo_engine_cancel(const struct GpoEngine *engine);
+
+/*
+ Builds a verifier; NULL `config_json` gives the numeric final-answer verifier. On success
+ `*out` owns it (free with gpo_verifier_free()).
+
+ # Safety
+ `config_json` is NULL or NUL-terminated; `out` is NULL or writable.
+ */
+enum GpoStatus gpo_verifier_new(const char *config_json, struct GpoVerifier **out);
+
+/*
+ Frees a verifier; NULL is a no-op.
+
+ # Safety
+ `v` is NULL or a pointer from gpo_verifier_new() not freed before.
+ */
+void gpo_verifier_free(struct GpoVerifier *v);
+
+/*
+ Scores `completion` against `answer` into `*score` ([0, 1]). A failing external command scores 0.
+
+ # Safety
+ Pointers are NULL or valid for the call.
+ */
+enum GpoStatus gpo_verifier_score(const struct GpoVerifier *v,
+                                  const char *prompt,
+                                  const char *completion,
+                                  const char *answer,
+                                  float *score);
+
+/*
+ Default value-estimation settings.
+ */
+struct GpoValueParams gpo_value_default_params(void);
+
+/*
+ Estimates V(s_0) … V(s_K) of trajectory `index` of `list` with `params.rollouts` KV-forked
+ continuations per prefix, scored by `reward` (called for the trajectory itself and every
+ continuation, with `user_data`). On success `*out` owns the result (free with
+ gpo_values_free()). A callback returning non-zero aborts with GPO_CALLBACK_ERROR.
+
+ # Safety
+ Pointers are NULL or valid for the call; `reward` must be safe to call with `user_data`.
+ */
+enum GpoStatus gpo_step_values(const struct GpoEngine *engine,
+                               const struct GpoTrajectories *list,
+                               uintptr_t index,
+                               const struct GpoValueParams *params,
+                               GpoRewardFn reward,
+                               void *user_data,
+                               struct GpoValues **out);
+
+/*
+ Frees step values; NULL is a no-op.
+
+ # Safety
+ `v` is NULL or a pointer from gpo_step_values() not freed before.
+ */
+void gpo_values_free(struct GpoValues *v);
+
+/*
+ The values V(s_0) … V(s_K): `*values` points to `*len` doubles; `*advantages` (may be NULL)
+ to `*len − 1`. Returns the critical step, or -1 when all values are equal (or `v` is NULL).
+ Ownership: borrowed; valid until gpo_values_free().
+
+ # Safety
+ `v` is NULL or valid; output pointers are NULL or writable.
+ */
+int64_t gpo_values_get(const struct GpoValues *v,
+                       const double **values,
+                       const double **advantages,
+                       uintptr_t *len);
+
+/*
+ Creates a trainer. `config_json` (may be NULL for defaults) is a TrainerConfig as JSON, e.g.
+ `{"temperature": 0.7, "objective": {"kind": "grpo", "clip": 0.2, "aggregation": "token-mean"},
+ "lora": {"rank": 8}, "optim": {"lr": 1e-4}}`; its `model` field is ignored in favour of
+ `model_path`. Set `temperature` to the sampling temperature of the trajectories you train on
+ (log-probs are of logits / T); GpoStepReport.logprob_gap reveals a mismatch.
+ On success `*out` owns the trainer (free with gpo_trainer_free()).
+
+ # Safety
+ Strings are NULL or NUL-terminated; `out` is NULL or writable.
+ */
+enum GpoStatus gpo_trainer_new(const char *model_path,
+                               const char *config_json,
+                               struct GpoTrainer **out);
+
+/*
+ Frees a trainer; NULL is a no-op.
+
+ # Safety
+ `t` is NULL or a pointer from gpo_trainer_new() not freed before.
+ */
+void gpo_trainer_free(struct GpoTrainer *t);
+
+/*
+ One optimiser step (NLL/PPO/GRPO, per the trainer's objective) on the trajectories of `batch`
+ with `rewards[i]` for trajectory i (`n_rewards` must equal the batch size) and optional GRPO
+ `groups` (NULL = one group). The trajectories' contexts are conditioning; their generated
+ tokens and log-probs are trained on. `report` may be NULL.
+
+ # Safety
+ Pointers are NULL or valid; `rewards` and `groups` hold `n_rewards` entries.
+ */
+enum GpoStatus gpo_trainer_step(struct GpoTrainer *t,
+                                const struct GpoTrajectories *batch,
+                                const float *rewards,
+                                uintptr_t n_rewards,
+                                const uint64_t *groups,
+                                struct GpoStepReport *report);
+
+/*
+ Writes the adapter as a llama.cpp GGUF LoRA file (load it with gpo_engine_set_adapter()).
+
+ # Safety
+ Pointers are NULL or valid.
+ */
+enum GpoStatus gpo_trainer_export(const struct GpoTrainer *t, const char *path);
+
+/*
+ Reads a run configuration (TOML file). On success `*out` owns the run (free with gpo_run_free()).
+
+ # Safety
+ `config_path` is NULL or NUL-terminated; `out` is NULL or writable.
+ */
+enum GpoStatus gpo_run_new(const char *config_path, struct GpoRun **out);
+
+/*
+ Runs (or resumes) the GPO run until it has done all its iterations, the progress callback
+ asks to stop, or gpo_run_cancel() is called (GPO_CANCELLED; progress is kept up to the last
+ completed iteration). `progress` may be NULL.
+
+ # Safety
+ `run` is NULL or valid and not freed during the call; `progress` must be safe to call with
+ `user_data`.
+ */
+enum GpoStatus gpo_run_start(struct GpoRun *run, GpoProgressFn progress, void *user_data);
+
+/*
+ Asks a running gpo_run_start() to stop at the next iteration boundary (any thread).
+
+ # Safety
+ `run` is NULL or valid.
+ */
+enum GpoStatus gpo_run_cancel(const struct GpoRun *run);
+
+/*
+ Frees a run; NULL is a no-op. It must not be running.
+
+ # Safety
+ `run` is NULL or a pointer from gpo_run_new() not freed before.
+ */
+void gpo_run_free(struct GpoRun *run);
+
+/*
+ Frees a trajectory list. NULL is a no-op; every pointer obtained from its accessors becomes
+ invalid.
+
+ # Safety
+ `list` is NULL or a pointer from gpo not freed before.
+ */
+void gpo_trajectories_free(struct GpoTrajectories *list);
+
+/*
+ Number of trajectories (0 for NULL).
+
+ # Safety
+ `list` is NULL or valid.
+ */
+uintptr_t gpo_trajectories_count(const struct GpoTrajectories *list);
+
+/*
+ Text of trajectory `index` (NUL-terminated UTF-8), or NULL when out of range.
+ Ownership: borrowed; valid until the list is freed.
+
+ # Safety
+ `list` is NULL or valid.
+ */
+const char *gpo_trajectory_text(const struct GpoTrajectories *list, uintptr_t index);
+
+/*
+ Why trajectory `index` stopped ("eog", "length", "stop", "context_full", "cancelled"), or NULL.
+ Ownership: borrowed; valid until the list is freed.
+
+ # Safety
+ `list` is NULL or valid.
+ */
+const char *gpo_trajectory_finish(const struct GpoTrajectories *list, uintptr_t index);
+
+/*
+ Generated token ids and their log-probs of trajectory `index`: `*tokens` and `*logprobs`
+ (either may be NULL) point to `*len` entries. Ownership: borrowed; valid until the list is
+ freed.
+
+ # Safety
+ `list` is NULL or valid; output pointers are NULL or writable.
+ */
+enum GpoStatus gpo_trajectory_tokens(const struct GpoTrajectories *list,
+                                     uintptr_t index,
+                                     const int32_t **tokens,
+                                     const float **logprobs,
+                                     uintptr_t *len);
+
+/*
+ Step boundaries of trajectory `index`: `*bounds` points to `2 × *n_steps` values
+ `start0, end0, start1, end1, …` (token offsets into the generated tokens). Ownership:
+ borrowed; valid until the list is freed.
+
+ # Safety
+ `list` is NULL or valid; output pointers are NULL or writable.
+ */
+enum GpoStatus gpo_trajectory_steps(const struct GpoTrajectories *list,
+                                    uintptr_t index,
+                                    const uint32_t **bounds,
+                                    uintptr_t *n_steps);
+
+/*
+ Adapter version that produced trajectory `index` (0 = base model; 0 when out of range).
+
+ # Safety
+ `list` is NULL or valid.
+ */
+uint64_t gpo_trajectory_adapter_version(const struct GpoTrajectories *list, uintptr_t index);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -19,5 +19,6 @@ if ! command -v cargo >/dev/null 2>&1; then
   # shellcheck disable=SC1091
   . "$HOME/.cargo/env"
 fi
+python3 -c "import pytest" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check pytest
 cargo fetch --locked --quiet
 scripts/fetch-model.sh smollm2

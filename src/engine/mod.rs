@@ -204,7 +204,27 @@ pub struct RequestHandle {
     done: bool,
 }
 
+/// Cancels one request from any thread (cloneable; outlives nothing it needs).
+#[derive(Clone)]
+pub struct Canceller {
+    cancelled: Arc<AtomicBool>,
+    wake: Sender<Command>,
+}
+
+impl Canceller {
+    /// Asks the engine to stop the request; its sequences finish with `Cancelled`.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+        let _ = self.wake.send(Command::Wake);
+    }
+}
+
 impl RequestHandle {
+    /// A handle that cancels this request from another thread.
+    pub fn canceller(&self) -> Canceller {
+        Canceller { cancelled: self.cancelled.clone(), wake: self.wake.clone() }
+    }
+
     /// The event stream (tokens if streaming, then one `Finished` per sequence).
     pub fn events(&self) -> &Receiver<Event> {
         &self.events

@@ -1,5 +1,20 @@
 //! The C ABI (`libgpo.so`, `include/gpo.h`). Every function catches panics at the boundary and
 //! reports failures as a [`GpoStatus`] with a thread-local message from [`gpo_last_error`].
+//!
+//! Conventions (as in llama.h and rustls-ffi): opaque handles created by `gpo_*_new` and freed by
+//! `gpo_*_free` (which accept NULL); settings structs from `gpo_*_default_params()`; every
+//! fallible call returns a status; pointers returned by accessors are borrowed from the handle
+//! and valid until it is freed; strings passed in are borrowed for the call only.
+
+mod engine;
+mod score;
+mod train;
+mod trajectories;
+
+pub use engine::*;
+pub use score::*;
+pub use train::*;
+pub use trajectories::*;
 
 use std::cell::RefCell;
 use std::ffi::{c_char, CString};
@@ -18,10 +33,13 @@ pub enum GpoStatus {
     GpoModelError = 3,
     /// The call was cancelled.
     GpoCancelled = 4,
-    /// A Rust panic was caught at the boundary (a bug in gpo; please report it).
+    /// A Rust panic was caught at the boundary (a bug in gpo; please report it). The handles the
+    /// call used should only be freed afterwards.
     GpoPanic = 5,
     /// Anything else; see gpo_last_error().
     GpoInternalError = 6,
+    /// A user callback returned an error.
+    GpoCallbackError = 7,
 }
 
 thread_local! {
@@ -34,9 +52,10 @@ pub(crate) fn set_last_error(msg: &str) {
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
 
-/// Runs `f`, converting a panic into `GpoPanic` with its message as the last error.
-pub(crate) fn guard(f: impl FnOnce() -> GpoStatus + std::panic::UnwindSafe) -> GpoStatus {
-    match std::panic::catch_unwind(f) {
+/// Runs `f`, converting a panic into `GpoPanic` with its message as the last error. After a
+/// panic the handles the call used may be inconsistent: the header tells callers to only free them.
+pub(crate) fn guard(f: impl FnOnce() -> GpoStatus) -> GpoStatus {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(status) => status,
         Err(p) => {
             let msg = p
@@ -79,23 +98,51 @@ pub(crate) fn fail(e: &crate::Error) -> GpoStatus {
     }
 }
 
+/// Records `msg` and returns `status`.
+pub(crate) fn fail_msg(status: GpoStatus, msg: &str) -> GpoStatus {
+    set_last_error(msg);
+    status
+}
+
+/// The status of a NULL argument.
+pub(crate) fn null_arg(what: &str) -> GpoStatus {
+    fail_msg(GpoStatus::GpoInvalidArgument, &format!("{what} is NULL"))
+}
+
+/// Checks an output pointer and clears what it points to.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+pub(crate) unsafe fn check_out<'a, T>(out: *mut *mut T) -> Result<&'a mut *mut T, GpoStatus> {
+    match unsafe { out.as_mut() } {
+        Some(o) => {
+            *o = std::ptr::null_mut();
+            Ok(o)
+        }
+        None => Err(null_arg("out")),
+    }
+}
+
+/// Reads a NUL-terminated UTF-8 string argument.
+///
+/// # Safety
+/// `p` must be NULL or point to a NUL-terminated string valid for the call.
+pub(crate) unsafe fn str_arg<'a>(p: *const c_char, what: &str) -> Result<&'a str, GpoStatus> {
+    if p.is_null() {
+        return Err(null_arg(what));
+    }
+    // SAFETY: non-NULL and NUL-terminated per the contract above.
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|_| fail_msg(GpoStatus::GpoInvalidArgument, &format!("{what} is not valid UTF-8")))
+}
+
 /// Reads a NUL-terminated UTF-8 path argument.
 ///
 /// # Safety
 /// `p` must be NULL or point to a NUL-terminated string valid for the call.
-unsafe fn path_arg<'a>(p: *const c_char, what: &str) -> Result<&'a std::path::Path, GpoStatus> {
-    if p.is_null() {
-        set_last_error(&format!("{what} is NULL"));
-        return Err(GpoStatus::GpoInvalidArgument);
-    }
-    // SAFETY: non-NULL and NUL-terminated per the contract above.
-    match unsafe { std::ffi::CStr::from_ptr(p) }.to_str() {
-        Ok(s) => Ok(std::path::Path::new(s)),
-        Err(_) => {
-            set_last_error(&format!("{what} is not valid UTF-8"));
-            Err(GpoStatus::GpoInvalidArgument)
-        }
-    }
+pub(crate) unsafe fn path_arg<'a>(p: *const c_char, what: &str) -> Result<&'a std::path::Path, GpoStatus> {
+    unsafe { str_arg(p, what) }.map(std::path::Path::new)
 }
 
 /// Checks that `path` is a GGUF model llama.cpp can load (vocabulary and metadata only, no
@@ -132,6 +179,7 @@ pub extern "C" fn gpo_status_string(status: GpoStatus) -> *const c_char {
         GpoStatus::GpoCancelled => "cancelled\0",
         GpoStatus::GpoPanic => "internal error (panic caught)\0",
         GpoStatus::GpoInternalError => "internal error\0",
+        GpoStatus::GpoCallbackError => "a callback returned an error\0",
     };
     s.as_ptr().cast()
 }

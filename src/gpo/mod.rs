@@ -8,6 +8,7 @@ pub mod config;
 pub mod export;
 pub mod plot;
 pub mod run;
+pub mod values;
 
 pub use config::{Mode, RunConfig};
 pub use run::{read_metrics, run, MetricsRow, Progress, Quiet};

@@ -108,6 +108,11 @@ pub trait Progress {
     fn phase(&mut self, _iteration: usize, _what: &str) {}
     /// An iteration finished.
     fn iteration(&mut self, _row: &MetricsRow) {}
+    /// Checked between iterations and waves: true stops the run with `Error::Cancelled` (nothing
+    /// of the unfinished iteration is committed; a later run redoes it).
+    fn should_stop(&mut self) -> bool {
+        false
+    }
 }
 
 /// No progress output.
@@ -274,6 +279,9 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
     }
 
     for it in start..cfg.iterations {
+        if progress.should_stop() {
+            return Err(Error::Cancelled);
+        }
         let t_iter = Instant::now();
         // Each iteration starts from an empty KV cache: a resumed run then sees exactly the state
         // an uninterrupted one did (earlier prefixes are of other prompts, rarely worth keeping).
@@ -291,6 +299,9 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
             cursor += tasks.len();
             collector.wave(wave, &tasks, &mut data)?;
             wave += 1;
+            if progress.should_stop() {
+                return Err(Error::Cancelled);
+            }
             if cfg.rollout.budget_tokens == 0 || data.stats.total_tokens() as i64 >= budget {
                 break;
             }
