@@ -10,6 +10,11 @@
 #include <stdbool.h>
 
 /*
+ Protocol version.
+ */
+#define VERSION 1
+
+/*
  Root id.
  */
 #define Tree_ROOT 0

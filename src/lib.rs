@@ -11,6 +11,7 @@
 //! measures; the C ABI lives in [`ffi`].
 
 pub mod bench;
+pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -6,6 +6,7 @@
 //! L = P + G/2 of sequence 0 and decode G/2 tokens — by KV fork, and by re-prefilling L tokens per
 //! branch. The engine additionally records every token's log-prob and its steps.
 
+pub mod daemon;
 mod raw;
 pub mod train;
 

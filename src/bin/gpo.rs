@@ -122,6 +122,8 @@ enum BenchCmd {
     Rollout(gpo::bench::RolloutArgs),
     /// Training step (forward + backward + AdamW) vs candle's plain autograd.
     Train(gpo::bench::train::TrainArgs),
+    /// gpod over its socket vs the in-process library; request rate with 16 clients.
+    Daemon(gpo::bench::daemon::DaemonArgs),
 }
 
 #[derive(Args, Clone)]
@@ -179,14 +181,14 @@ struct EngineArgs {
     /// Layers on the GPU (-1 = all).
     #[arg(long, default_value_t = -1)]
     gpu_layers: i32,
-    /// Total KV cells.
-    #[arg(long, default_value_t = 8192)]
+    /// Total KV cells (per-sequence KV: each sequence holds ctx / parallel).
+    #[arg(long, default_value_t = 16384)]
     ctx: u32,
     /// Parallel sequences.
     #[arg(long, default_value_t = 16)]
     parallel: u32,
-    /// KV layout: unified or per-sequence.
-    #[arg(long, default_value = "unified")]
+    /// KV layout: per-sequence (default, measured faster) or unified.
+    #[arg(long, default_value = "per-sequence")]
     kv: KvMode,
 }
 
@@ -546,6 +548,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { which } => match which {
             BenchCmd::Rollout(args) => gpo::bench::rollout(&args)?,
             BenchCmd::Train(args) => gpo::bench::train::train(&args)?,
+            BenchCmd::Daemon(args) => gpo::bench::daemon::daemon(&args)?,
         },
         Cmd::Info { engine } => {
             let cfg = engine.config()?;

@@ -251,7 +251,7 @@ impl Progress for CallbackProgress {
         }
     }
 
-    fn should_stop(&mut self) -> bool {
+    fn should_stop(&mut self, _at_boundary: bool) -> bool {
         // SAFETY: points into the GpoRun borrowed for the whole gpo_run_start() call.
         self.stop || unsafe { (*self.cancel).load(Ordering::Relaxed) }
     }

@@ -108,9 +108,10 @@ pub trait Progress {
     fn phase(&mut self, _iteration: usize, _what: &str) {}
     /// An iteration finished.
     fn iteration(&mut self, _row: &MetricsRow) {}
-    /// Checked between iterations and waves: true stops the run with `Error::Cancelled` (nothing
-    /// of the unfinished iteration is committed; a later run redoes it).
-    fn should_stop(&mut self) -> bool {
+    /// Checked before each iteration (`at_boundary`) and between waves: true stops the run with
+    /// `Error::Cancelled`. Stopping between waves abandons the unfinished iteration (nothing of it
+    /// is committed; a later run redoes it exactly).
+    fn should_stop(&mut self, _at_boundary: bool) -> bool {
         false
     }
 }
@@ -279,7 +280,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
     }
 
     for it in start..cfg.iterations {
-        if progress.should_stop() {
+        if progress.should_stop(true) {
             return Err(Error::Cancelled);
         }
         let t_iter = Instant::now();
@@ -299,7 +300,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
             cursor += tasks.len();
             collector.wave(wave, &tasks, &mut data)?;
             wave += 1;
-            if progress.should_stop() {
+            if progress.should_stop(false) {
                 return Err(Error::Cancelled);
             }
             if cfg.rollout.budget_tokens == 0 || data.stats.total_tokens() as i64 >= budget {

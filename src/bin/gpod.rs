@@ -1,0 +1,75 @@
+//! gpod — the gpo daemon: `gpod --socket /tmp/gpo.sock [--config gpod.toml] [--model m.gguf]`.
+
+use clap::Parser;
+use gpo::daemon::{serve, DaemonConfig};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "gpod", version, about = "gpo daemon: generation, step values and GPO training over a Unix socket")]
+struct Cli {
+    /// Socket path (overrides the config).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// gpod.toml (limits, allowed users, group, state directory, model).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model to serve from the start (overrides the config).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Directory for queued jobs (overrides the config).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GPO_LOG").unwrap_or_else(|_| "info,llama.cpp=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let mut cfg = match &cli.config {
+        Some(p) => gpo::daemon::server::load_config(p).unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(2)
+        }),
+        None => DaemonConfig::default(),
+    };
+    if let Some(s) = cli.socket {
+        cfg.socket = s;
+    }
+    if let Some(m) = cli.model {
+        cfg.model = Some(m);
+    }
+    if let Some(d) = cli.state_dir {
+        cfg.state_dir = d;
+    }
+    // SIGTERM / SIGINT: finish (or checkpoint) the current training step, then exit.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch = stop.clone();
+    std::thread::spawn(move || loop {
+        if STOP.load(Ordering::Relaxed) {
+            watch.store(true, Ordering::Relaxed);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    });
+    if let Err(e) = serve(cfg, stop) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,451 @@
+//! gpod's wire protocol: newline-delimited JSON, one object per line, version field `v` = 1.
+//!
+//! Request: `{"v": 1, "id": <string|number>, "op": "<op>", …}`. Replies echo the id:
+//! `{"v": 1, "id": …, "ok": true, "result": {…}}` or
+//! `{"v": 1, "id": …, "ok": false, "error": {"code": "…", "message": "…"}}`.
+//! Events (after `subscribe`): `{"v": 1, "id": …, "event": "progress" | "done" | "failed", "data": {…}}`.
+//!
+//! Ops: `status`, `load`, `generate`, `fork`, `values`, `train`, `eval`, `cancel`, `subscribe`,
+//! `shutdown` (fields below). Parsing never panics and checks every limit before work starts.
+
+use crate::engine::{Prompt, SamplingParams, StepConfig};
+use crate::llama::ChatMessage;
+use crate::reward::VerifierConfig;
+use crate::task::Task;
+use crate::tree::CriticalMode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Protocol version.
+pub const VERSION: u64 = 1;
+
+/// Per-request limits (from gpod.toml).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Largest accepted line, bytes.
+    pub max_message_bytes: usize,
+    /// Most sequences per request.
+    pub max_n: usize,
+    /// Most tokens generated per sequence.
+    pub max_tokens: usize,
+    /// Most prompt characters (tokens are checked against the context by the engine too).
+    pub max_prompt_chars: usize,
+    /// Most requests in flight per connection.
+    pub max_inflight: usize,
+    /// Most rollouts per prefix for `values`.
+    pub max_rollouts: usize,
+    /// Most eval tasks per request.
+    pub max_eval_tasks: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 1 << 20,
+            max_n: 64,
+            max_tokens: 2048,
+            max_prompt_chars: 32 * 1024,
+            max_inflight: 8,
+            max_rollouts: 32,
+            max_eval_tasks: 1000,
+        }
+    }
+}
+
+/// Engine settings of a `load` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoadEngine {
+    /// Parallel sequences.
+    pub parallel: u32,
+    /// KV cells per sequence.
+    pub ctx_per_sequence: u32,
+    /// "unified" or "per-sequence".
+    pub kv: crate::engine::KvMode,
+    /// CPU threads (0 = all).
+    pub threads: i32,
+    /// GPU layers (-1 = all).
+    pub gpu_layers: i32,
+}
+
+impl Default for LoadEngine {
+    fn default() -> Self {
+        LoadEngine {
+            parallel: 16,
+            ctx_per_sequence: 1024,
+            kv: crate::engine::KvMode::PerSequence,
+            threads: 0,
+            gpu_layers: -1,
+        }
+    }
+}
+
+/// A decoded request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Daemon, engine and job status.
+    Status,
+    /// Load (or replace) the serving model.
+    Load { model: String, engine: LoadEngine },
+    /// Sample `n` completions.
+    Generate { prompt: Prompt, n: usize, sampling: SamplingParams, steps: StepConfig },
+    /// Continue a remembered trajectory after `at` generated tokens.
+    Fork { trajectory: u64, at: usize, n: usize, sampling: SamplingParams },
+    /// Step values and the critical step of a remembered trajectory.
+    Values {
+        trajectory: u64,
+        rollouts: usize,
+        critical: CriticalMode,
+        verifier: VerifierConfig,
+        answer: String,
+        sampling: SamplingParams,
+    },
+    /// Queue a GPO run (TOML config text).
+    Train { config: String },
+    /// Held-out accuracy on the serving engine.
+    Eval { tasks: Vec<Task>, max_tokens: usize },
+    /// Cancel a request (by its id, on any connection of the same user) or a job.
+    Cancel { target: Value },
+    /// Stream a job's progress events.
+    Subscribe { job: u64 },
+    /// Stop the daemon (finishing the current training step).
+    Shutdown,
+}
+
+/// A request: its id and operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Client-chosen id, echoed in the reply.
+    pub id: Value,
+    /// The operation.
+    pub op: Op,
+}
+
+/// Why a line was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    /// Machine-readable code (`malformed`, `version`, `unknown_op`, `invalid`, `too_large`).
+    pub code: &'static str,
+    /// What was wrong.
+    pub message: String,
+    /// The request's id if it could be read.
+    pub id: Value,
+}
+
+fn invalid(id: &Value, code: &'static str, message: impl Into<String>) -> ProtocolError {
+    ProtocolError { code, message: message.into(), id: id.clone() }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct Sampling {
+    temperature: Option<f32>,
+    top_k: Option<i32>,
+    top_p: Option<f32>,
+    min_p: Option<f32>,
+    max_tokens: Option<usize>,
+    stop: Option<Vec<String>>,
+    seed: Option<u64>,
+}
+
+fn sampling(id: &Value, v: Option<&Value>, limits: &Limits) -> Result<SamplingParams, ProtocolError> {
+    let s: Sampling = match v {
+        None | Some(Value::Null) => Sampling::default(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| invalid(id, "invalid", format!("sampling: {e}")))?,
+    };
+    let d = SamplingParams::default();
+    let p = SamplingParams {
+        temperature: s.temperature.unwrap_or(d.temperature),
+        top_k: s.top_k.unwrap_or(d.top_k),
+        top_p: s.top_p.unwrap_or(d.top_p),
+        min_p: s.min_p.unwrap_or(d.min_p),
+        max_tokens: s.max_tokens.unwrap_or(d.max_tokens),
+        stop: s.stop.unwrap_or_default(),
+        seed: s.seed.unwrap_or(0),
+        ignore_eog: false,
+    };
+    if p.max_tokens > limits.max_tokens {
+        return Err(invalid(
+            id,
+            "too_large",
+            format!("max_tokens {} exceeds the limit {}", p.max_tokens, limits.max_tokens),
+        ));
+    }
+    p.validate().map_err(|e| invalid(id, "invalid", e.to_string()))?;
+    Ok(p)
+}
+
+fn get<'a>(o: &'a serde_json::Map<String, Value>, k: &str) -> Option<&'a Value> {
+    o.get(k).filter(|v| !v.is_null())
+}
+
+fn uint(id: &Value, o: &serde_json::Map<String, Value>, k: &str, default: Option<u64>) -> Result<u64, ProtocolError> {
+    match get(o, k) {
+        Some(v) => v.as_u64().ok_or_else(|| invalid(id, "invalid", format!("{k} must be a non-negative integer"))),
+        None => default.ok_or_else(|| invalid(id, "invalid", format!("missing {k}"))),
+    }
+}
+
+fn string(id: &Value, o: &serde_json::Map<String, Value>, k: &str) -> Result<String, ProtocolError> {
+    match get(o, k) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(invalid(id, "invalid", format!("{k} must be a string"))),
+        None => Err(invalid(id, "invalid", format!("missing {k}"))),
+    }
+}
+
+fn count(id: &Value, o: &serde_json::Map<String, Value>, limits: &Limits) -> Result<usize, ProtocolError> {
+    let n = uint(id, o, "n", Some(1))? as usize;
+    if n == 0 {
+        return Err(invalid(id, "invalid", "n must be at least 1"));
+    }
+    if n > limits.max_n {
+        return Err(invalid(id, "too_large", format!("n {n} exceeds the limit {}", limits.max_n)));
+    }
+    Ok(n)
+}
+
+/// Parses one line. Every failure names what to fix; the id is kept when it could be read.
+pub fn parse_request(line: &str, limits: &Limits) -> Result<Request, ProtocolError> {
+    if line.len() > limits.max_message_bytes {
+        return Err(invalid(
+            &Value::Null,
+            "too_large",
+            format!("message of {} bytes exceeds the limit {}", line.len(), limits.max_message_bytes),
+        ));
+    }
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| invalid(&Value::Null, "malformed", format!("not JSON: {e}")))?;
+    let Value::Object(o) = v else { return Err(invalid(&Value::Null, "malformed", "a request is a JSON object")) };
+    let id = match o.get("id") {
+        None => Value::Null,
+        Some(v @ (Value::String(_) | Value::Number(_) | Value::Null)) => v.clone(),
+        Some(_) => return Err(invalid(&Value::Null, "invalid", "id must be a string or a number")),
+    };
+    match o.get("v").and_then(Value::as_u64) {
+        Some(VERSION) => {}
+        Some(other) => {
+            return Err(invalid(&id, "version", format!("protocol version {other} (this gpod speaks {VERSION})")))
+        }
+        None => return Err(invalid(&id, "version", format!("missing \"v\": {VERSION}"))),
+    }
+    let op = match o.get("op") {
+        Some(Value::String(s)) => s.as_str(),
+        _ => return Err(invalid(&id, "invalid", "missing \"op\"")),
+    };
+    let op = match op {
+        "status" => Op::Status,
+        "shutdown" => Op::Shutdown,
+        "load" => Op::Load {
+            model: string(&id, &o, "model")?,
+            engine: match get(&o, "engine") {
+                Some(e) => {
+                    serde_json::from_value(e.clone()).map_err(|e| invalid(&id, "invalid", format!("engine: {e}")))?
+                }
+                None => LoadEngine::default(),
+            },
+        },
+        "generate" => {
+            let prompt = match (get(&o, "prompt"), get(&o, "messages"), get(&o, "tokens")) {
+                (Some(Value::String(p)), None, None) => {
+                    if p.len() > limits.max_prompt_chars {
+                        return Err(invalid(
+                            &id,
+                            "too_large",
+                            format!("prompt of {} characters exceeds the limit {}", p.len(), limits.max_prompt_chars),
+                        ));
+                    }
+                    if o.get("raw").and_then(Value::as_bool).unwrap_or(false) {
+                        Prompt::Raw(p.clone())
+                    } else {
+                        Prompt::user(p.clone())
+                    }
+                }
+                (None, Some(m), None) => {
+                    let msgs: Vec<ChatMessage> = serde_json::from_value(m.clone())
+                        .map_err(|e| invalid(&id, "invalid", format!("messages: {e}")))?;
+                    if msgs.iter().map(|m| m.content.len()).sum::<usize>() > limits.max_prompt_chars {
+                        return Err(invalid(&id, "too_large", "messages exceed the prompt limit"));
+                    }
+                    Prompt::Chat(msgs)
+                }
+                (None, None, Some(t)) => {
+                    let toks: Vec<i32> = serde_json::from_value(t.clone())
+                        .map_err(|e| invalid(&id, "invalid", format!("tokens: {e}")))?;
+                    if toks.len() > limits.max_prompt_chars {
+                        return Err(invalid(&id, "too_large", "too many prompt tokens"));
+                    }
+                    Prompt::Tokens(toks)
+                }
+                _ => return Err(invalid(&id, "invalid", "give exactly one of prompt (string), messages or tokens")),
+            };
+            let steps = match get(&o, "steps") {
+                Some(s) => {
+                    serde_json::from_value(s.clone()).map_err(|e| invalid(&id, "invalid", format!("steps: {e}")))?
+                }
+                None => StepConfig::default(),
+            };
+            Op::Generate {
+                prompt,
+                n: count(&id, &o, limits)?,
+                sampling: sampling(&id, get(&o, "sampling"), limits)?,
+                steps,
+            }
+        }
+        "fork" => Op::Fork {
+            trajectory: uint(&id, &o, "trajectory", None)?,
+            at: uint(&id, &o, "at", None)? as usize,
+            n: count(&id, &o, limits)?,
+            sampling: sampling(&id, get(&o, "sampling"), limits)?,
+        },
+        "values" => {
+            let rollouts = uint(&id, &o, "rollouts", Some(4))? as usize;
+            if rollouts == 0 || rollouts > limits.max_rollouts {
+                return Err(invalid(
+                    &id,
+                    if rollouts == 0 { "invalid" } else { "too_large" },
+                    format!("rollouts must be in 1..={}", limits.max_rollouts),
+                ));
+            }
+            Op::Values {
+                trajectory: uint(&id, &o, "trajectory", None)?,
+                rollouts,
+                critical: match get(&o, "critical") {
+                    Some(c) => serde_json::from_value(c.clone())
+                        .map_err(|e| invalid(&id, "invalid", format!("critical: {e}")))?,
+                    None => CriticalMode::Abs,
+                },
+                verifier: match get(&o, "verifier") {
+                    Some(c) => serde_json::from_value(c.clone())
+                        .map_err(|e| invalid(&id, "invalid", format!("verifier: {e}")))?,
+                    None => VerifierConfig::Numeric,
+                },
+                answer: string(&id, &o, "answer")?,
+                sampling: sampling(&id, get(&o, "sampling"), limits)?,
+            }
+        }
+        "train" => Op::Train { config: string(&id, &o, "config")? },
+        "eval" => {
+            let tasks: Vec<Task> = match get(&o, "tasks") {
+                Some(t) => {
+                    serde_json::from_value(t.clone()).map_err(|e| invalid(&id, "invalid", format!("tasks: {e}")))?
+                }
+                None => return Err(invalid(&id, "invalid", "missing tasks ([{\"prompt\": …, \"answer\": …}])")),
+            };
+            if tasks.is_empty() || tasks.len() > limits.max_eval_tasks {
+                return Err(invalid(&id, "invalid", format!("between 1 and {} tasks", limits.max_eval_tasks)));
+            }
+            let max_tokens = uint(&id, &o, "max_tokens", Some(256))? as usize;
+            if max_tokens == 0 || max_tokens > limits.max_tokens {
+                return Err(invalid(&id, "too_large", format!("max_tokens must be in 1..={}", limits.max_tokens)));
+            }
+            Op::Eval { tasks, max_tokens }
+        }
+        "cancel" => {
+            Op::Cancel { target: get(&o, "target").cloned().ok_or_else(|| invalid(&id, "invalid", "missing target"))? }
+        }
+        "subscribe" => Op::Subscribe { job: uint(&id, &o, "job", None)? },
+        other => return Err(invalid(
+            &id,
+            "unknown_op",
+            format!(
+                "unknown op {other:?} (status, load, generate, fork, values, train, eval, cancel, subscribe, shutdown)"
+            ),
+        )),
+    };
+    Ok(Request { id, op })
+}
+
+/// A success reply line (without the newline).
+pub fn ok(id: &Value, result: Value) -> String {
+    serde_json::json!({ "v": VERSION, "id": id, "ok": true, "result": result }).to_string()
+}
+
+/// An error reply line.
+pub fn err(id: &Value, code: &str, message: &str) -> String {
+    serde_json::json!({ "v": VERSION, "id": id, "ok": false, "error": { "code": code, "message": message } })
+        .to_string()
+}
+
+/// An event line.
+pub fn event(id: &Value, kind: &str, data: Value) -> String {
+    serde_json::json!({ "v": VERSION, "id": id, "event": kind, "data": data }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(s: &str) -> Result<Request, ProtocolError> {
+        parse_request(s, &Limits::default())
+    }
+
+    #[test]
+    fn valid_requests() {
+        let r =
+            p(r#"{"v":1,"id":7,"op":"generate","prompt":"hi","n":3,"sampling":{"temperature":0.5,"max_tokens":9}}"#)
+                .unwrap();
+        assert_eq!(r.id, serde_json::json!(7));
+        match r.op {
+            Op::Generate { n, sampling, .. } => assert_eq!((n, sampling.max_tokens, sampling.temperature), (3, 9, 0.5)),
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(p(r#"{"v":1,"id":"a","op":"status"}"#).unwrap().op, Op::Status));
+        assert!(matches!(p(r#"{"v":1,"op":"fork","trajectory":3,"at":2}"#).unwrap().op, Op::Fork { n: 1, .. }));
+        assert!(matches!(
+            p(r#"{"v":1,"op":"values","trajectory":3,"answer":"5","verifier":{"kind":"exact"}}"#).unwrap().op,
+            Op::Values { .. }
+        ));
+    }
+
+    #[test]
+    fn invalid_requests_get_codes_and_keep_the_id() {
+        let code = |s: &str| p(s).unwrap_err().code;
+        assert_eq!(code("not json"), "malformed");
+        assert_eq!(code("[1,2]"), "malformed");
+        assert_eq!(code(r#"{"id":1,"op":"status"}"#), "version");
+        assert_eq!(code(r#"{"v":2,"op":"status"}"#), "version");
+        assert_eq!(code(r#"{"v":1}"#), "invalid");
+        assert_eq!(code(r#"{"v":1,"op":"dance"}"#), "unknown_op");
+        assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","n":0}"#), "invalid");
+        assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","n":1000}"#), "too_large");
+        assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","sampling":{"max_tokens":999999}}"#), "too_large");
+        assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","sampling":{"top_p":0}}"#), "invalid");
+        assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","sampling":{"stop":[""]}}"#), "invalid");
+        assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","sampling":{"warp":9}}"#), "invalid");
+        assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","messages":[]}"#), "invalid");
+        assert_eq!(code(r#"{"v":1,"op":"fork","trajectory":-1,"at":0}"#), "invalid");
+        assert_eq!(code(r#"{"v":1,"op":"values","trajectory":1,"answer":"1","rollouts":1000}"#), "too_large");
+        assert_eq!(code(r#"{"v":1,"id":[1],"op":"status"}"#), "invalid");
+        let big = format!(r#"{{"v":1,"op":"generate","prompt":"{}"}}"#, "x".repeat(40_000));
+        assert_eq!(code(&big), "too_large");
+        assert_eq!(p(r#"{"v":1,"id":"k","op":"dance"}"#).unwrap_err().id, serde_json::json!("k"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        #[test]
+        fn parser_never_panics_on_arbitrary_text(s in ".{0,300}") {
+            let _ = p(&s);
+        }
+
+        #[test]
+        fn parser_never_panics_on_mutated_requests(
+            base in prop::sample::select(vec![
+                r#"{"v":1,"id":1,"op":"generate","prompt":"hi","n":2,"sampling":{"temperature":0.5}}"#,
+                r#"{"v":1,"id":"x","op":"values","trajectory":3,"answer":"5","rollouts":2}"#,
+                r#"{"v":1,"op":"fork","trajectory":1,"at":3,"n":2}"#,
+                r#"{"v":1,"op":"train","config":"mode = \"gpo\""}"#,
+            ]),
+            pos in 0usize..120, byte in any::<u8>(), cut in 0usize..130,
+        ) {
+            let mut b = base.as_bytes().to_vec();
+            let i = pos % b.len();
+            b[i] = byte;
+            b.truncate(cut.max(1).min(b.len()));
+            let _ = p(&String::from_utf8_lossy(&b));
+        }
+    }
+}

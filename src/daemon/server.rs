@@ -1,0 +1,647 @@
+//! gpod's server: connections, request dispatch over one shared engine, the training job queue,
+//! persistence of jobs across restarts, graceful shutdown.
+
+use super::protocol::{self, parse_request, Limits, LoadEngine, Op, Request};
+use super::socket;
+use crate::engine::{Canceller, Engine, EngineConfig, GenerateRequest, RequestHandle, Trajectory};
+use crate::eval::{evaluate, EvalConfig};
+use crate::gpo::{MetricsRow, Progress, RunConfig};
+use crate::reward::Verifier;
+use crate::{Error, Result};
+use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// gpod settings (`gpod.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Where queued training jobs are kept (so a restarted daemon resumes them).
+    pub state_dir: PathBuf,
+    /// Model served from the start (optional; `load` can set or replace it).
+    pub model: Option<PathBuf>,
+    /// Serving engine settings.
+    pub engine: LoadEngine,
+    /// Request limits.
+    pub limits: Limits,
+    /// Users allowed to connect (besides the daemon's own user and root).
+    pub allowed_uids: Vec<u32>,
+    /// Group that may use the socket (mode 0660); None = owner only (0600).
+    pub group: Option<String>,
+    /// Trajectories remembered for `fork`/`values`.
+    pub remember: usize,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: PathBuf::from("/tmp/gpo.sock"),
+            state_dir: std::env::temp_dir().join("gpod-state"),
+            model: None,
+            engine: LoadEngine::default(),
+            limits: Limits::default(),
+            allowed_uids: Vec::new(),
+            group: None,
+            remember: 10_000,
+        }
+    }
+}
+
+/// State of a training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// Job id.
+    pub id: u64,
+    /// queued, running, done, failed, cancelled.
+    pub state: String,
+    /// Iterations completed.
+    pub iteration: usize,
+    /// Iterations of the run.
+    pub iterations: usize,
+    /// Output directory of the run.
+    pub output: PathBuf,
+    /// Error message when failed.
+    pub error: Option<String>,
+}
+
+struct Job {
+    info: JobInfo,
+    cfg: RunConfig,
+    cancel: Arc<AtomicBool>,
+    subscribers: Vec<Sender<(String, Value)>>,
+}
+
+struct Store {
+    by_id: HashMap<u64, Trajectory>,
+    order: VecDeque<u64>,
+    cap: usize,
+}
+
+impl Store {
+    fn put(&mut self, ts: &[Trajectory]) {
+        for t in ts {
+            if self.by_id.insert(t.id, t.clone()).is_none() {
+                self.order.push_back(t.id);
+            }
+        }
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+    }
+}
+
+/// Everything connections share.
+pub struct Shared {
+    cfg: DaemonConfig,
+    engine: RwLock<Option<(PathBuf, Engine)>>,
+    store: Mutex<Store>,
+    jobs: Mutex<Vec<Job>>,
+    job_tx: Sender<u64>,
+    requests: Mutex<Vec<(u32, String, Vec<Canceller>)>>,
+    /// Set by `shutdown` or SIGTERM.
+    pub shutdown: Arc<AtomicBool>,
+    connections: AtomicUsize,
+}
+
+fn traj_json(t: &Trajectory) -> Value {
+    json!({
+        "id": t.id,
+        "text": t.text,
+        "tokens": t.tokens,
+        "logprobs": t.logprobs,
+        "steps": t.steps.iter().map(|s| [s.start, s.end]).collect::<Vec<_>>(),
+        "finish": t.finish,
+        "adapter_version": t.adapter_version,
+        "prompt_tokens": t.prompt_len,
+        "context_tokens": t.context.len(),
+    })
+}
+
+fn code_of(e: &Error) -> &'static str {
+    match e {
+        Error::Invalid { .. } | Error::PromptTooLong { .. } | Error::Data { .. } | Error::ChatTemplate(_) => "invalid",
+        Error::NotFound(_) | Error::Io { .. } => "not_found",
+        Error::NotGguf { .. } | Error::ModelLoad { .. } | Error::Adapter { .. } | Error::Gguf { .. } => "model",
+        Error::Cancelled => "cancelled",
+        _ => "internal",
+    }
+}
+
+impl Shared {
+    fn engine(&self) -> Result<Engine> {
+        self.engine
+            .read()
+            .map_err(|_| Error::EngineStopped("engine lock poisoned".into()))?
+            .as_ref()
+            .map(|(_, e)| e.clone())
+            .ok_or_else(|| {
+                Error::invalid("model", "no model loaded: send {\"op\": \"load\", \"model\": \"…gguf\"} first")
+            })
+    }
+
+    fn load(&self, model: &Path, e: &LoadEngine) -> Result<Value> {
+        let engine = Engine::start(EngineConfig {
+            model: model.to_path_buf(),
+            n_gpu_layers: e.gpu_layers,
+            n_threads: e.threads,
+            n_ctx: e.ctx_per_sequence.saturating_mul(e.parallel.max(1)),
+            n_parallel: e.parallel,
+            kv_mode: e.kv,
+            ..Default::default()
+        })?;
+        let info = serde_json::to_value(engine.info()).expect("info");
+        *self.engine.write().map_err(|_| Error::EngineStopped("engine lock poisoned".into()))? =
+            Some((model.to_path_buf(), engine));
+        Ok(info)
+    }
+
+    /// Runs requests for one client request id; `cancel` with that id stops them.
+    fn sample(&self, uid: u32, id: &Value, reqs: Vec<GenerateRequest>) -> Result<Vec<Vec<Trajectory>>> {
+        let engine = self.engine()?;
+        let handles: Vec<RequestHandle> = engine.submit_many(reqs)?;
+        let key = id.to_string();
+        let cancellers = handles.iter().map(RequestHandle::canceller).collect();
+        if let Ok(mut r) = self.requests.lock() {
+            r.push((uid, key.clone(), cancellers));
+        }
+        let out: Result<Vec<_>> = handles.into_iter().map(RequestHandle::wait).collect();
+        if let Ok(mut r) = self.requests.lock() {
+            if let Some(i) = r.iter().position(|(u, k, _)| *u == uid && *k == key) {
+                r.remove(i);
+            }
+        }
+        let out = out?;
+        if let Ok(mut s) = self.store.lock() {
+            for ts in &out {
+                s.put(ts);
+            }
+        }
+        Ok(out)
+    }
+
+    fn trajectory(&self, id: u64) -> Result<Trajectory> {
+        self.store
+            .lock()
+            .ok()
+            .and_then(|s| s.by_id.get(&id).cloned())
+            .ok_or_else(|| Error::invalid("trajectory", format!("{id} is unknown (expired or never generated here)")))
+    }
+
+    fn dispatch(self: &Arc<Self>, uid: u32, req: &Request, out: &Writer) -> Result<Value> {
+        match &req.op {
+            Op::Status => {
+                let engine = self.engine.read().ok().and_then(|g| g.as_ref().map(|(p, e)| (p.clone(), e.clone())));
+                let (model, info, stats) = match engine {
+                    Some((p, e)) => (
+                        json!(p),
+                        serde_json::to_value(e.info()).expect("info"),
+                        serde_json::to_value(e.stats()?).expect("stats"),
+                    ),
+                    None => (Value::Null, Value::Null, Value::Null),
+                };
+                let jobs: Vec<JobInfo> =
+                    self.jobs.lock().map(|j| j.iter().map(|j| j.info.clone()).collect()).unwrap_or_default();
+                Ok(json!({
+                    "version": crate::VERSION,
+                    "protocol": protocol::VERSION,
+                    "model": model,
+                    "engine": info,
+                    "stats": stats,
+                    "jobs": jobs,
+                    "connections": self.connections.load(Ordering::Relaxed),
+                }))
+            }
+            Op::Load { model, engine } => self.load(Path::new(model), engine),
+            Op::Generate { prompt, n, sampling, steps } => {
+                let mut r = GenerateRequest::new(prompt.clone(), *n, sampling.clone());
+                r.steps = steps.clone();
+                let ts = self.sample(uid, &req.id, vec![r])?.remove(0);
+                Ok(json!({ "trajectories": ts.iter().map(traj_json).collect::<Vec<_>>() }))
+            }
+            Op::Fork { trajectory, at, n, sampling } => {
+                let parent = self.trajectory(*trajectory)?;
+                let r = GenerateRequest::continuing(&parent, *at, *n, sampling.clone())?;
+                let ts = self.sample(uid, &req.id, vec![r])?.remove(0);
+                Ok(json!({ "trajectories": ts.iter().map(traj_json).collect::<Vec<_>>() }))
+            }
+            Op::Values { trajectory, rollouts, critical, verifier, answer, sampling } => {
+                let t = self.trajectory(*trajectory)?;
+                let v = Verifier::new(verifier)?;
+                let model = self.engine()?.model().clone();
+                let mut score = |t: &Trajectory| Ok(v.score(&model.detokenize(&t.context), &t.text, answer) as f64);
+                let rollouts_src = ClientRollouts { shared: self.clone(), uid, id: req.id.clone() };
+                let sv = crate::gpo::values::estimate(&rollouts_src, &t, *rollouts, sampling, *critical, &mut score)?;
+                Ok(serde_json::to_value(sv).expect("values"))
+            }
+            Op::Train { config } => self.queue_job(config),
+            Op::Eval { tasks, max_tokens } => {
+                let engine = self.engine()?;
+                let r =
+                    evaluate(&engine, tasks, &EvalConfig { max_tokens: *max_tokens, ..Default::default() }, |_| {})?;
+                Ok(
+                    json!({ "tasks": r.tasks, "greedy_accuracy": r.greedy_accuracy, "correct": r.results.iter().map(|x| x.greedy_correct).collect::<Vec<_>>() }),
+                )
+            }
+            Op::Cancel { target } => {
+                let mut n = 0;
+                if let Some(job) = target.get("job").and_then(Value::as_u64) {
+                    if let Ok(jobs) = self.jobs.lock() {
+                        for j in jobs.iter().filter(|j| j.info.id == job) {
+                            j.cancel.store(true, Ordering::Relaxed);
+                            n += 1;
+                        }
+                    }
+                } else if let Ok(r) = self.requests.lock() {
+                    let key = target.to_string();
+                    for (_, _, cs) in r.iter().filter(|(u, k, _)| *u == uid && *k == key) {
+                        for c in cs {
+                            c.cancel();
+                        }
+                        n += 1;
+                    }
+                }
+                Ok(json!({ "cancelled": n }))
+            }
+            Op::Subscribe { job } => {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                let done = {
+                    let mut jobs = self.jobs.lock().map_err(|_| Error::EngineStopped("job lock".into()))?;
+                    let j = jobs
+                        .iter_mut()
+                        .find(|j| j.info.id == *job)
+                        .ok_or_else(|| Error::invalid("job", format!("{job} is unknown")))?;
+                    let finished = matches!(j.info.state.as_str(), "done" | "failed" | "cancelled");
+                    if !finished {
+                        j.subscribers.push(tx);
+                    }
+                    finished.then(|| j.info.clone())
+                };
+                if let Some(info) = done {
+                    return Ok(serde_json::to_value(info).expect("job"));
+                }
+                // Stream events until the job ends; the reply closes the subscription.
+                while let Ok((kind, data)) = rx.recv() {
+                    out.line(&protocol::event(&req.id, &kind, data.clone()));
+                    if kind != "progress" {
+                        return Ok(data);
+                    }
+                }
+                Err(Error::EngineStopped("the daemon is shutting down".into()))
+            }
+            Op::Shutdown => {
+                if uid != socket::my_uid() && uid != 0 {
+                    return Err(Error::invalid("permission", "only the daemon's user may shut it down"));
+                }
+                self.shutdown.store(true, Ordering::Relaxed);
+                Ok(json!({ "stopping": true }))
+            }
+        }
+    }
+
+    fn queue_job(&self, config: &str) -> Result<Value> {
+        let mut cfg: RunConfig = toml::from_str(config).map_err(|e| Error::invalid("config", e.to_string()))?;
+        cfg.validate()?;
+        if cfg.output.is_relative() {
+            cfg.output = self.cfg.state_dir.join(&cfg.output);
+        }
+        let mut jobs = self.jobs.lock().map_err(|_| Error::EngineStopped("job lock".into()))?;
+        let id = jobs.iter().map(|j| j.info.id + 1).max().unwrap_or(1);
+        let dir = self.cfg.state_dir.join("jobs");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(format!("{id:06}.toml"));
+        let text = toml::to_string(&cfg).map_err(|e| Error::invalid("config", e.to_string()))?;
+        std::fs::write(path.with_extension("tmp"), text).map_err(|e| Error::io(&path, e))?;
+        std::fs::rename(path.with_extension("tmp"), &path).map_err(|e| Error::io(&path, e))?;
+        let info = JobInfo {
+            id,
+            state: "queued".into(),
+            iteration: 0,
+            iterations: cfg.iterations,
+            output: cfg.output.clone(),
+            error: None,
+        };
+        jobs.push(Job { info: info.clone(), cfg, cancel: Arc::new(AtomicBool::new(false)), subscribers: Vec::new() });
+        let _ = self.job_tx.send(id);
+        Ok(serde_json::to_value(info).expect("job"))
+    }
+
+    fn job_event(&self, id: u64, kind: &str, data: Value, update: impl FnOnce(&mut JobInfo)) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            if let Some(j) = jobs.iter_mut().find(|j| j.info.id == id) {
+                update(&mut j.info);
+                j.subscribers.retain(|s| s.send((kind.to_string(), data.clone())).is_ok());
+                if kind != "progress" {
+                    j.subscribers.clear();
+                }
+            }
+        }
+    }
+}
+
+/// The daemon's `Rollouts`: samples on the shared engine, cancellable with the request's id.
+struct ClientRollouts {
+    shared: Arc<Shared>,
+    uid: u32,
+    id: Value,
+}
+
+impl crate::gpo::collect::Rollouts for ClientRollouts {
+    fn sample(&self, reqs: Vec<GenerateRequest>) -> Result<Vec<Vec<Trajectory>>> {
+        self.shared.sample(self.uid, &self.id, reqs)
+    }
+    fn render(&self, tokens: &[i32]) -> String {
+        self.shared.engine().map(|e| e.model().detokenize_special(tokens)).unwrap_or_default()
+    }
+}
+
+struct JobProgress<'a> {
+    shared: &'a Shared,
+    id: u64,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Progress for JobProgress<'_> {
+    fn phase(&mut self, iteration: usize, what: &str) {
+        self.shared.job_event(self.id, "progress", json!({ "iteration": iteration, "phase": what }), |_| {});
+    }
+    fn iteration(&mut self, r: &MetricsRow) {
+        let data = serde_json::to_value(r.without_timing()).expect("row");
+        self.shared.job_event(self.id, "progress", json!({ "iteration": r.iteration, "metrics": data }), |i| {
+            i.iteration = r.iteration + 1
+        });
+    }
+    fn should_stop(&mut self, at_boundary: bool) -> bool {
+        // A job cancel stops at once; a daemon shutdown finishes the current iteration first.
+        self.cancel.load(Ordering::Relaxed) || (at_boundary && self.shared.shutdown.load(Ordering::Relaxed))
+    }
+}
+
+fn job_worker(shared: Arc<Shared>, rx: Receiver<u64>) {
+    while let Ok(id) = rx.recv() {
+        if shared.shutdown.load(Ordering::Relaxed) {
+            return;
+        }
+        let (cfg, cancel) = match shared
+            .jobs
+            .lock()
+            .ok()
+            .and_then(|j| j.iter().find(|j| j.info.id == id).map(|j| (j.cfg.clone(), j.cancel.clone())))
+        {
+            Some(x) => x,
+            None => continue,
+        };
+        if cancel.load(Ordering::Relaxed) {
+            finish_job(&shared, id, "cancelled", None);
+            continue;
+        }
+        shared.job_event(id, "progress", json!({ "state": "running" }), |i| i.state = "running".into());
+        let mut p = JobProgress { shared: &shared, id, cancel: cancel.clone() };
+        match crate::gpo::run(&cfg, &mut p) {
+            Ok(rows) => finish_job(&shared, id, "done", Some(json!({ "iterations": rows.len() }))),
+            Err(Error::Cancelled) if shared.shutdown.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) => {
+                // Interrupted by shutdown: the job stays queued on disk and resumes next start.
+                shared.job_event(id, "interrupted", json!({ "resumes": true }), |i| i.state = "interrupted".into());
+                return;
+            }
+            Err(Error::Cancelled) => finish_job(&shared, id, "cancelled", None),
+            Err(e) => finish_job(&shared, id, "failed", Some(json!({ "error": e.to_string() }))),
+        }
+    }
+}
+
+fn finish_job(shared: &Shared, id: u64, state: &str, data: Option<Value>) {
+    let marker = shared.cfg.state_dir.join("jobs").join(format!("{id:06}.{state}"));
+    let _ = std::fs::write(marker, data.as_ref().map(|d| d.to_string()).unwrap_or_default());
+    let err = data.as_ref().and_then(|d| d.get("error")).and_then(Value::as_str).map(str::to_string);
+    let kind = if state == "done" { "done" } else { "failed" };
+    shared.job_event(id, kind, json!({ "job": id, "state": state, "result": data }), |i| {
+        i.state = state.into();
+        i.error = err;
+    });
+}
+
+/// Jobs queued or running when the daemon stopped (no done/failed/cancelled marker).
+fn restore_jobs(state_dir: &Path) -> Vec<(u64, RunConfig)> {
+    let dir = state_dir.join("jobs");
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else { return out };
+    let mut paths: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+    paths.sort();
+    for p in paths {
+        let Some(id) = p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok()) else { continue };
+        if ["done", "failed", "cancelled"].iter().any(|m| p.with_extension(m).exists()) {
+            continue;
+        }
+        match std::fs::read_to_string(&p).ok().and_then(|t| toml::from_str::<RunConfig>(&t).ok()) {
+            Some(cfg) => out.push((id, cfg)),
+            None => tracing::warn!("skipping unreadable job {}", p.display()),
+        }
+    }
+    out
+}
+
+/// Writes lines to one client; a slow client only blocks its own writers.
+#[derive(Clone)]
+pub struct Writer {
+    stream: Arc<Mutex<UnixStream>>,
+}
+
+impl Writer {
+    fn line(&self, s: &str) {
+        if let Ok(mut w) = self.stream.lock() {
+            let _ = w.write_all(s.as_bytes()).and_then(|_| w.write_all(b"\n")).and_then(|_| w.flush());
+        }
+    }
+}
+
+/// Reads one line of at most `max` bytes. Longer lines are consumed and reported as `Err(len)`.
+fn read_line(r: &mut BufReader<UnixStream>, max: usize) -> std::io::Result<Option<Result<String, usize>>> {
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    loop {
+        let chunk = r.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(if total == 0 {
+                None
+            } else if total > max {
+                Some(Err(total))
+            } else {
+                Some(Ok(String::from_utf8_lossy(&buf).into_owned()))
+            });
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        if total + take <= max + 1 {
+            buf.extend_from_slice(&chunk[..take]);
+        }
+        total += take;
+        r.consume(take);
+        if done {
+            if total > max + 1 {
+                return Ok(Some(Err(total - 1)));
+            }
+            while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+                buf.pop();
+            }
+            return Ok(Some(Ok(String::from_utf8_lossy(&buf).into_owned())));
+        }
+    }
+}
+
+fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let Ok(write_half) = stream.try_clone() else { return };
+    let out = Writer { stream: Arc::new(Mutex::new(write_half)) };
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let mut reader = BufReader::new(stream);
+    let limits = shared.cfg.limits.clone();
+    loop {
+        let line = match read_line(&mut reader, limits.max_message_bytes) {
+            Ok(Some(Ok(l))) => l,
+            Ok(Some(Err(len))) => {
+                out.line(&protocol::err(
+                    &Value::Null,
+                    "too_large",
+                    &format!("message of {len} bytes exceeds the limit {}", limits.max_message_bytes),
+                ));
+                continue;
+            }
+            Ok(None) | Err(_) => break,
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req = match parse_request(&line, &limits) {
+            Ok(r) => r,
+            Err(e) => {
+                out.line(&protocol::err(&e.id, e.code, &e.message));
+                continue;
+            }
+        };
+        if inflight.load(Ordering::Relaxed) >= limits.max_inflight {
+            out.line(&protocol::err(
+                &req.id,
+                "busy",
+                &format!("at most {} requests in flight per connection", limits.max_inflight),
+            ));
+            continue;
+        }
+        inflight.fetch_add(1, Ordering::Relaxed);
+        let (shared, out, inflight) = (shared.clone(), out.clone(), inflight.clone());
+        std::thread::spawn(move || {
+            let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                shared.dispatch(uid, &req, &out)
+            })) {
+                Ok(Ok(v)) => protocol::ok(&req.id, v),
+                Ok(Err(e)) => protocol::err(&req.id, code_of(&e), &e.to_string()),
+                Err(_) => {
+                    protocol::err(&req.id, "internal", "internal error while handling the request (see the daemon log)")
+                }
+            };
+            out.line(&reply);
+            inflight.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Runs the daemon until `shutdown` (request, SIGTERM) and returns after the current training
+/// iteration is checkpointed. `stop` is an extra flag (signal handlers set it).
+pub fn serve(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| Error::io(&cfg.state_dir, e))?;
+    let listener = socket::bind(&cfg.socket, cfg.group.as_deref())?;
+    listener.set_nonblocking(true).map_err(|e| Error::io(&cfg.socket, e))?;
+    let (job_tx, job_rx) = crossbeam_channel::unbounded();
+    let shared = Arc::new(Shared {
+        store: Mutex::new(Store { by_id: HashMap::new(), order: VecDeque::new(), cap: cfg.remember.max(1) }),
+        engine: RwLock::new(None),
+        jobs: Mutex::new(Vec::new()),
+        job_tx,
+        requests: Mutex::new(Vec::new()),
+        shutdown: stop,
+        connections: AtomicUsize::new(0),
+        cfg,
+    });
+    if let Some(m) = shared.cfg.model.clone() {
+        shared.load(&m, &shared.cfg.engine)?;
+    }
+    for (id, run) in restore_jobs(&shared.cfg.state_dir) {
+        tracing::info!("resuming job {id} ({})", run.output.display());
+        if let Ok(mut jobs) = shared.jobs.lock() {
+            let info = JobInfo {
+                id,
+                state: "queued".into(),
+                iteration: 0,
+                iterations: run.iterations,
+                output: run.output.clone(),
+                error: None,
+            };
+            jobs.push(Job { info, cfg: run, cancel: Arc::new(AtomicBool::new(false)), subscribers: Vec::new() });
+        }
+        let _ = shared.job_tx.send(id);
+    }
+    let worker = {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("gpod-jobs".into())
+            .spawn(move || job_worker(s, job_rx))
+            .map_err(|e| Error::EngineStopped(e.to_string()))?
+    };
+    let mut allowed = shared.cfg.allowed_uids.clone();
+    allowed.extend([socket::my_uid(), 0]);
+    tracing::info!("gpod listening on {}", shared.cfg.socket.display());
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                match socket::peer_uid(&stream) {
+                    Some(uid) if allowed.contains(&uid) => {
+                        let s = shared.clone();
+                        std::thread::spawn(move || handle_connection(s, stream, uid));
+                    }
+                    other => {
+                        tracing::warn!("refused a connection from uid {other:?}");
+                        let mut st = stream;
+                        let _ =
+                            writeln!(st, "{}", protocol::err(&Value::Null, "permission", "this user may not use gpod"));
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => tracing::warn!("accept failed: {e}"),
+        }
+    }
+    tracing::info!("gpod stopping: finishing the current training iteration");
+    let _ = std::fs::remove_file(&shared.cfg.socket);
+    // Cancel sampling requests in flight; the job worker stops at its next iteration boundary.
+    if let Ok(r) = shared.requests.lock() {
+        for c in r.iter().flat_map(|(_, _, cs)| cs) {
+            c.cancel();
+        }
+    }
+    let _ = shared.job_tx.send(u64::MAX); // wakes an idle worker
+    let _ = worker.join();
+    Ok(())
+}
+
+/// Reads `gpod.toml`.
+pub fn load_config(path: &Path) -> Result<DaemonConfig> {
+    let mut text = String::new();
+    std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text)).map_err(|e| Error::io(path, e))?;
+    toml::from_str(&text).map_err(|e| Error::Data { path: path.to_path_buf(), line: 0, reason: e.to_string() })
+}
