@@ -29,6 +29,9 @@ pub struct TrainArgs {
     /// Skip the plain-autograd baseline.
     #[arg(long)]
     pub no_baseline: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Peak resident memory since the last reset, in MiB (Linux; 0 elsewhere).
@@ -94,6 +97,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         objective: Objective::Grpo { clip: 0.2, aggregation: Aggregation::TokenMean },
         lora: LoraConfig { rank: args.rank, alpha: 2.0 * args.rank as f32, targets: Target::ALL.to_vec(), seed: 1 },
         micro_batch: args.batch,
+        device: args.device.clone(),
         ..Default::default()
     };
     let n_vocab = crate::train::Weights::load(&model, candle_core::DType::F32, &candle_core::Device::Cpu)?.cfg.n_vocab;

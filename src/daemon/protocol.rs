@@ -346,13 +346,15 @@ pub fn parse_request(line: &str, limits: &Limits) -> Result<Request, ProtocolErr
             Op::Cancel { target: get(&o, "target").cloned().ok_or_else(|| invalid(&id, "invalid", "missing target"))? }
         }
         "subscribe" => Op::Subscribe { job: uint(&id, &o, "job", None)? },
-        other => return Err(invalid(
-            &id,
-            "unknown_op",
-            format!(
+        other => {
+            return Err(invalid(
+                &id,
+                "unknown_op",
+                format!(
                 "unknown op {other:?} (status, load, generate, fork, values, train, eval, cancel, subscribe, shutdown)"
             ),
-        )),
+            ))
+        }
     };
     Ok(Request { id, op })
 }

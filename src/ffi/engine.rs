@@ -1,6 +1,6 @@
 //! Engine handle: load a model, generate, fork, adapters, cancel.
 
-use super::{check_out, fail, guard, path_arg, str_arg, GpoStatus, GpoTrajectories};
+use super::{check_out, guard, handle, params_or, path_arg, put, str_arg, GpoStatus, GpoTrajectories};
 use crate::engine::{
     Canceller, Engine, EngineConfig, GenerateRequest, KvMode, Prompt, RequestHandle, SamplingParams, Trajectory,
 };
@@ -90,16 +90,10 @@ pub unsafe extern "C" fn gpo_engine_new(
     out: *mut *mut GpoEngine,
 ) -> GpoStatus {
     guard(|| {
-        let out = match unsafe { check_out(out) } {
-            Ok(o) => o,
-            Err(s) => return s,
-        };
-        let path = match unsafe { path_arg(model_path, "model_path") } {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
-        let p = if params.is_null() { gpo_engine_default_params() } else { unsafe { *params } };
-        let cfg = EngineConfig {
+        let out = unsafe { check_out(out) }?;
+        let path = unsafe { path_arg(model_path, "model_path") }?;
+        let p = unsafe { params_or(params, gpo_engine_default_params()) };
+        let engine = Engine::start(EngineConfig {
             model: path.to_path_buf(),
             n_gpu_layers: p.n_gpu_layers,
             n_threads: p.n_threads,
@@ -107,18 +101,9 @@ pub unsafe extern "C" fn gpo_engine_new(
             n_parallel: p.n_parallel,
             kv_mode: if p.kv_unified { KvMode::Unified } else { KvMode::PerSequence },
             ..Default::default()
-        };
-        match Engine::start(cfg) {
-            Ok(engine) => {
-                *out = Box::into_raw(Box::new(GpoEngine {
-                    engine,
-                    inflight: Mutex::new(Vec::new()),
-                    next_call: AtomicU64::new(0),
-                }));
-                GpoStatus::GpoOk
-            }
-            Err(e) => fail(&e),
-        }
+        })?;
+        put(out, GpoEngine { engine, inflight: Mutex::new(Vec::new()), next_call: AtomicU64::new(0) });
+        Ok(())
     })
 }
 
@@ -167,24 +152,14 @@ pub unsafe extern "C" fn gpo_generate(
     out: *mut *mut GpoTrajectories,
 ) -> GpoStatus {
     guard(|| {
-        let out = match unsafe { check_out(out) } {
-            Ok(o) => o,
-            Err(s) => return s,
-        };
-        let Some(e) = (unsafe { engine.as_ref() }) else { return super::null_arg("engine") };
-        let text = match unsafe { str_arg(prompt, "prompt") } {
-            Ok(t) => t,
-            Err(s) => return s,
-        };
-        let p = if params.is_null() { gpo_sampling_default_params() } else { unsafe { *params } };
+        let out = unsafe { check_out(out) }?;
+        let e = unsafe { handle(engine, "engine") }?;
+        let text = unsafe { str_arg(prompt, "prompt") }?;
+        let p = unsafe { params_or(params, gpo_sampling_default_params()) };
         let prompt = if raw { Prompt::Raw(text.to_string()) } else { Prompt::user(text) };
-        match e.run(vec![GenerateRequest::new(prompt, n, (&p).into())]) {
-            Ok(mut v) => {
-                *out = GpoTrajectories::boxed(v.remove(0));
-                GpoStatus::GpoOk
-            }
-            Err(err) => fail(&err),
-        }
+        let mut got = e.run(vec![GenerateRequest::new(prompt, n, (&p).into())])?;
+        *out = GpoTrajectories::boxed(got.remove(0));
+        Ok(())
     })
 }
 
@@ -204,28 +179,21 @@ pub unsafe extern "C" fn gpo_fork(
     out: *mut *mut GpoTrajectories,
 ) -> GpoStatus {
     guard(|| {
-        let out = match unsafe { check_out(out) } {
-            Ok(o) => o,
-            Err(s) => return s,
-        };
-        let Some(e) = (unsafe { engine.as_ref() }) else { return super::null_arg("engine") };
-        let parent = match unsafe { GpoTrajectories::get(from, index) } {
-            Ok(t) => t,
-            Err(s) => return s,
-        };
-        let p = if params.is_null() { gpo_sampling_default_params() } else { unsafe { *params } };
-        let req = match GenerateRequest::continuing(parent, at, n, (&p).into()) {
-            Ok(r) => r,
-            Err(err) => return fail(&err),
-        };
-        match e.run(vec![req]) {
-            Ok(mut v) => {
-                *out = GpoTrajectories::boxed(v.remove(0));
-                GpoStatus::GpoOk
-            }
-            Err(err) => fail(&err),
-        }
+        let out = unsafe { check_out(out) }?;
+        let e = unsafe { handle(engine, "engine") }?;
+        let parent = unsafe { GpoTrajectories::get(from, index) }?;
+        let p = unsafe { params_or(params, gpo_sampling_default_params()) };
+        let mut got = e.run(vec![GenerateRequest::continuing(parent, at, n, (&p).into())?])?;
+        *out = GpoTrajectories::boxed(got.remove(0));
+        Ok(())
     })
+}
+
+fn report_version(v: u64, version_out: *mut u64) {
+    if !version_out.is_null() {
+        // SAFETY: the caller passes NULL or a writable pointer.
+        unsafe { *version_out = v };
+    }
 }
 
 /// Loads a GGUF LoRA adapter and swaps it in at `scale`; `*version_out` (may be NULL) receives
@@ -241,20 +209,10 @@ pub unsafe extern "C" fn gpo_engine_set_adapter(
     version_out: *mut u64,
 ) -> GpoStatus {
     guard(|| {
-        let Some(e) = (unsafe { engine.as_ref() }) else { return super::null_arg("engine") };
-        let path = match unsafe { path_arg(path, "path") } {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
-        match e.engine.set_adapter(path, scale) {
-            Ok(v) => {
-                if !version_out.is_null() {
-                    unsafe { *version_out = v };
-                }
-                GpoStatus::GpoOk
-            }
-            Err(err) => fail(&err),
-        }
+        let e = unsafe { handle(engine, "engine") }?;
+        let path = unsafe { path_arg(path, "path") }?;
+        report_version(e.engine.set_adapter(path, scale)?, version_out);
+        Ok(())
     })
 }
 
@@ -266,16 +224,9 @@ pub unsafe extern "C" fn gpo_engine_set_adapter(
 #[no_mangle]
 pub unsafe extern "C" fn gpo_engine_remove_adapter(engine: *const GpoEngine, version_out: *mut u64) -> GpoStatus {
     guard(|| {
-        let Some(e) = (unsafe { engine.as_ref() }) else { return super::null_arg("engine") };
-        match e.engine.remove_adapter() {
-            Ok(v) => {
-                if !version_out.is_null() {
-                    unsafe { *version_out = v };
-                }
-                GpoStatus::GpoOk
-            }
-            Err(err) => fail(&err),
-        }
+        let e = unsafe { handle(engine, "engine") }?;
+        report_version(e.engine.remove_adapter()?, version_out);
+        Ok(())
     })
 }
 
@@ -286,12 +237,12 @@ pub unsafe extern "C" fn gpo_engine_remove_adapter(engine: *const GpoEngine, ver
 #[no_mangle]
 pub unsafe extern "C" fn gpo_engine_cancel(engine: *const GpoEngine) -> GpoStatus {
     guard(|| {
-        let Some(e) = (unsafe { engine.as_ref() }) else { return super::null_arg("engine") };
+        let e = unsafe { handle(engine, "engine") }?;
         if let Ok(v) = e.inflight.lock() {
             for c in v.iter().flat_map(|(_, cs)| cs) {
                 c.cancel();
             }
         }
-        GpoStatus::GpoOk
+        Ok(())
     })
 }

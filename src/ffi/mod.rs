@@ -52,11 +52,22 @@ pub(crate) fn set_last_error(msg: &str) {
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
 
-/// Runs `f`, converting a panic into `GpoPanic` with its message as the last error. After a
-/// panic the handles the call used may be inconsistent: the header tells callers to only free them.
-pub(crate) fn guard(f: impl FnOnce() -> GpoStatus) -> GpoStatus {
+/// The outcome of an FFI body: `Err` carries the status (its message is already recorded).
+pub(crate) type FfiResult = Result<(), GpoStatus>;
+
+impl From<crate::Error> for GpoStatus {
+    fn from(e: crate::Error) -> GpoStatus {
+        fail(&e)
+    }
+}
+
+/// Runs an FFI body, mapping `Ok` to GPO_OK and a panic to `GpoPanic` with its message as the
+/// last error. After a panic the handles the call used may be inconsistent: the header tells
+/// callers to only free them.
+pub(crate) fn guard(f: impl FnOnce() -> FfiResult) -> GpoStatus {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(status) => status,
+        Ok(Ok(())) => GpoStatus::GpoOk,
+        Ok(Err(status)) => status,
         Err(p) => {
             let msg = p
                 .downcast_ref::<&str>()
@@ -109,6 +120,50 @@ pub(crate) fn null_arg(what: &str) -> GpoStatus {
     fail_msg(GpoStatus::GpoInvalidArgument, &format!("{what} is NULL"))
 }
 
+/// A handle argument, or GPO_INVALID_ARGUMENT when NULL.
+///
+/// # Safety
+/// `p` must be NULL or point to a live `T`.
+pub(crate) unsafe fn handle<'a, T>(p: *const T, what: &str) -> Result<&'a T, GpoStatus> {
+    unsafe { p.as_ref() }.ok_or_else(|| null_arg(what))
+}
+
+/// A mutable handle argument, or GPO_INVALID_ARGUMENT when NULL.
+///
+/// # Safety
+/// `p` must be NULL or point to a live `T` not used elsewhere during the call.
+pub(crate) unsafe fn handle_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, GpoStatus> {
+    unsafe { p.as_mut() }.ok_or_else(|| null_arg(what))
+}
+
+/// A settings struct argument, or the defaults when NULL.
+///
+/// # Safety
+/// `p` must be NULL or valid.
+pub(crate) unsafe fn params_or<T: Copy>(p: *const T, default: T) -> T {
+    unsafe { p.as_ref() }.copied().unwrap_or(default)
+}
+
+/// A JSON config argument decoded into `T`, or `T::default()` when NULL.
+///
+/// # Safety
+/// `p` must be NULL or NUL-terminated.
+pub(crate) unsafe fn json_arg<T: serde::de::DeserializeOwned + Default>(
+    p: *const c_char,
+    what: &str,
+) -> Result<T, GpoStatus> {
+    if p.is_null() {
+        return Ok(T::default());
+    }
+    let text = unsafe { str_arg(p, what) }?;
+    serde_json::from_str(text).map_err(|e| fail_msg(GpoStatus::GpoInvalidArgument, &format!("{what}: {e}")))
+}
+
+/// Stores a new handle into an out-pointer checked by [`check_out`].
+pub(crate) fn put<T>(out: &mut *mut T, value: T) {
+    *out = Box::into_raw(Box::new(value));
+}
+
 /// Checks an output pointer and clears what it points to.
 ///
 /// # Safety
@@ -156,15 +211,10 @@ pub(crate) unsafe fn path_arg<'a>(p: *const c_char, what: &str) -> Result<&'a st
 pub unsafe extern "C" fn gpo_model_check(path: *const c_char) -> GpoStatus {
     guard(|| {
         // SAFETY: forwarded caller contract.
-        let path = match unsafe { path_arg(path, "path") } {
-            Ok(p) => p,
-            Err(st) => return st,
-        };
+        let path = unsafe { path_arg(path, "path") }?;
         let params = crate::llama::ModelParams { vocab_only: true, n_gpu_layers: 0, ..Default::default() };
-        match crate::llama::Model::load(path, &params) {
-            Ok(_) => GpoStatus::GpoOk,
-            Err(e) => fail(&e),
-        }
+        crate::llama::Model::load(path, &params)?;
+        Ok(())
     })
 }
 
@@ -198,6 +248,8 @@ mod tests {
         assert_eq!(st, GpoStatus::GpoPanic);
         let msg = unsafe { CStr::from_ptr(gpo_last_error()) }.to_str().unwrap();
         assert!(msg.contains("boom"), "{msg}");
+        assert_eq!(guard(|| Err(fail_msg(GpoStatus::GpoIoError, "io"))), GpoStatus::GpoIoError);
+        assert_eq!(unsafe { CStr::from_ptr(gpo_last_error()) }.to_str().unwrap(), "io");
         let s = unsafe { CStr::from_ptr(gpo_status_string(GpoStatus::GpoCancelled)) };
         assert_eq!(s.to_str().unwrap(), "cancelled");
     }

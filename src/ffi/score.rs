@@ -1,7 +1,9 @@
 //! Verifiers and step values with a reward callback.
 
 use super::engine::{gpo_sampling_default_params, GpoEngine, GpoSamplingParams};
-use super::{check_out, fail, fail_msg, guard, str_arg, GpoStatus, GpoTrajectories};
+use super::{
+    check_out, fail_msg, guard, handle, handle_mut, json_arg, params_or, put, str_arg, GpoStatus, GpoTrajectories,
+};
 use crate::gpo::collect::Rollouts;
 use crate::reward::{Verifier, VerifierConfig};
 use crate::tree::CriticalMode;
@@ -22,29 +24,10 @@ pub struct GpoVerifier {
 #[no_mangle]
 pub unsafe extern "C" fn gpo_verifier_new(config_json: *const c_char, out: *mut *mut GpoVerifier) -> GpoStatus {
     guard(|| {
-        let out = match unsafe { check_out(out) } {
-            Ok(o) => o,
-            Err(s) => return s,
-        };
-        let cfg: VerifierConfig = if config_json.is_null() {
-            VerifierConfig::Numeric
-        } else {
-            let text = match unsafe { str_arg(config_json, "config_json") } {
-                Ok(t) => t,
-                Err(s) => return s,
-            };
-            match serde_json::from_str(text) {
-                Ok(c) => c,
-                Err(e) => return fail_msg(GpoStatus::GpoInvalidArgument, &format!("verifier config: {e}")),
-            }
-        };
-        match Verifier::new(&cfg) {
-            Ok(v) => {
-                *out = Box::into_raw(Box::new(GpoVerifier { v }));
-                GpoStatus::GpoOk
-            }
-            Err(e) => fail(&e),
-        }
+        let out = unsafe { check_out(out) }?;
+        let cfg: VerifierConfig = unsafe { json_arg(config_json, "verifier config") }?;
+        put(out, GpoVerifier { v: Verifier::new(&cfg)? });
+        Ok(())
     })
 }
 
@@ -72,17 +55,12 @@ pub unsafe extern "C" fn gpo_verifier_score(
     score: *mut f32,
 ) -> GpoStatus {
     guard(|| {
-        let Some(v) = (unsafe { v.as_ref() }) else { return super::null_arg("verifier") };
-        let args = unsafe { (str_arg(prompt, "prompt"), str_arg(completion, "completion"), str_arg(answer, "answer")) };
-        let (p, c, a) = match args {
-            (Ok(p), Ok(c), Ok(a)) => (p, c, a),
-            (Err(s), _, _) | (_, Err(s), _) | (_, _, Err(s)) => return s,
-        };
-        if score.is_null() {
-            return super::null_arg("score");
-        }
-        unsafe { *score = v.v.score(p, c, a) };
-        GpoStatus::GpoOk
+        let v = unsafe { handle(v, "verifier") }?;
+        let (p, c, a) =
+            unsafe { (str_arg(prompt, "prompt")?, str_arg(completion, "completion")?, str_arg(answer, "answer")?) };
+        let score = unsafe { handle_mut(score, "score") }?;
+        *score = v.v.score(p, c, a);
+        Ok(())
     })
 }
 
@@ -143,25 +121,24 @@ pub unsafe extern "C" fn gpo_step_values(
     out: *mut *mut GpoValues,
 ) -> GpoStatus {
     guard(|| {
-        let out = match unsafe { check_out(out) } {
-            Ok(o) => o,
-            Err(s) => return s,
-        };
-        let Some(e) = (unsafe { engine.as_ref() }) else { return super::null_arg("engine") };
-        let traj = match unsafe { GpoTrajectories::get(list, index) } {
-            Ok(t) => t,
-            Err(s) => return s,
-        };
-        let Some(cb) = reward else { return super::null_arg("reward") };
-        let p = if params.is_null() { gpo_value_default_params() } else { unsafe { *params } };
+        let out = unsafe { check_out(out) }?;
+        let e = unsafe { handle(engine, "engine") }?;
+        let traj = unsafe { GpoTrajectories::get(list, index) }?;
+        let cb = reward.ok_or_else(|| super::null_arg("reward"))?;
+        let p = unsafe { params_or(params, gpo_value_default_params()) };
         let mode = match p.critical_mode {
             0 => CriticalMode::Abs,
             1 => CriticalMode::Drop,
             2 => CriticalMode::Gain,
-            m => return fail_msg(GpoStatus::GpoInvalidArgument, &format!("critical_mode {m} (0 abs, 1 drop, 2 gain)")),
+            m => {
+                return Err(fail_msg(
+                    GpoStatus::GpoInvalidArgument,
+                    &format!("critical_mode {m} (0 abs, 1 drop, 2 gain)"),
+                ))
+            }
         };
         if p.rollouts == 0 {
-            return fail_msg(GpoStatus::GpoInvalidArgument, "rollouts must be at least 1");
+            return Err(fail_msg(GpoStatus::GpoInvalidArgument, "rollouts must be at least 1"));
         }
         let model = e.engine.model().clone();
         let mut cb_failed = false;
@@ -177,26 +154,26 @@ pub unsafe extern "C" fn gpo_step_values(
             }
             Ok(s as f64)
         };
-        let rollouts = EngineRollouts(e);
-        match crate::gpo::values::estimate(
-            &rollouts,
+        let v = crate::gpo::values::estimate(
+            &EngineRollouts(e),
             traj,
             p.rollouts as usize,
             &(&p.sampling).into(),
             mode,
             &mut score,
-        ) {
-            Ok(v) => {
-                *out = Box::into_raw(Box::new(GpoValues {
-                    critical: v.critical.map_or(-1, |c| c as i64),
-                    values: v.values,
-                    advantages: v.advantages,
-                }));
-                GpoStatus::GpoOk
+        )
+        .map_err(|err| {
+            if cb_failed {
+                fail_msg(GpoStatus::GpoCallbackError, "the reward callback returned an error")
+            } else {
+                err.into()
             }
-            Err(_) if cb_failed => fail_msg(GpoStatus::GpoCallbackError, "the reward callback returned an error"),
-            Err(err) => fail(&err),
-        }
+        })?;
+        put(
+            out,
+            GpoValues { critical: v.critical.map_or(-1, |c| c as i64), values: v.values, advantages: v.advantages },
+        );
+        Ok(())
     })
 }
 

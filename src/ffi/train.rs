@@ -1,6 +1,6 @@
 //! Trainer and whole-run handles.
 
-use super::{check_out, fail, fail_msg, guard, path_arg, str_arg, GpoStatus, GpoTrajectories};
+use super::{check_out, fail_msg, guard, handle, handle_mut, json_arg, path_arg, put, GpoStatus, GpoTrajectories};
 use crate::gpo::{MetricsRow, Progress, RunConfig};
 use crate::train::{Batch, Completion, Trainer, TrainerConfig};
 use std::ffi::{c_char, c_void};
@@ -45,34 +45,12 @@ pub unsafe extern "C" fn gpo_trainer_new(
     out: *mut *mut GpoTrainer,
 ) -> GpoStatus {
     guard(|| {
-        let out = match unsafe { check_out(out) } {
-            Ok(o) => o,
-            Err(s) => return s,
-        };
-        let path = match unsafe { path_arg(model_path, "model_path") } {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
-        let mut cfg: TrainerConfig = if config_json.is_null() {
-            TrainerConfig::default()
-        } else {
-            let text = match unsafe { str_arg(config_json, "config_json") } {
-                Ok(t) => t,
-                Err(s) => return s,
-            };
-            match serde_json::from_str(text) {
-                Ok(c) => c,
-                Err(e) => return fail_msg(GpoStatus::GpoInvalidArgument, &format!("trainer config: {e}")),
-            }
-        };
+        let out = unsafe { check_out(out) }?;
+        let path = unsafe { path_arg(model_path, "model_path") }?;
+        let mut cfg: TrainerConfig = unsafe { json_arg(config_json, "trainer config") }?;
         cfg.model = path.to_path_buf();
-        match Trainer::new(cfg) {
-            Ok(t) => {
-                *out = Box::into_raw(Box::new(GpoTrainer { t }));
-                GpoStatus::GpoOk
-            }
-            Err(e) => fail(&e),
-        }
+        put(out, GpoTrainer { t: Trainer::new(cfg)? });
+        Ok(())
     })
 }
 
@@ -104,16 +82,16 @@ pub unsafe extern "C" fn gpo_trainer_step(
     report: *mut GpoStepReport,
 ) -> GpoStatus {
     guard(|| {
-        let Some(t) = (unsafe { t.as_mut() }) else { return super::null_arg("trainer") };
-        let Some(b) = (unsafe { batch.as_ref() }) else { return super::null_arg("batch") };
+        let t = unsafe { handle_mut(t, "trainer") }?;
+        let b = unsafe { handle(batch, "batch") }?;
         if rewards.is_null() {
-            return super::null_arg("rewards");
+            return Err(super::null_arg("rewards"));
         }
         if n_rewards != b.items.len() {
-            return fail_msg(
+            return Err(fail_msg(
                 GpoStatus::GpoInvalidArgument,
                 &format!("{n_rewards} rewards for {} trajectories", b.items.len()),
-            );
+            ));
         }
         let rewards = unsafe { std::slice::from_raw_parts(rewards, n_rewards) };
         let groups = (!groups.is_null()).then(|| unsafe { std::slice::from_raw_parts(groups, n_rewards) });
@@ -130,22 +108,18 @@ pub unsafe extern "C" fn gpo_trainer_step(
                 group: groups.map_or(0, |g| g[i]),
             })
             .collect();
-        match t.t.step(&Batch::Completions(items)) {
-            Ok(r) => {
-                if let Some(out) = unsafe { report.as_mut() } {
-                    *out = GpoStepReport {
-                        step: r.step,
-                        loss: r.loss,
-                        grad_norm: r.grad_norm,
-                        tokens_per_s: r.tokens_per_s,
-                        logprob_gap: r.logprob_gap_mean.unwrap_or(f64::NAN),
-                        skipped: r.skipped.is_some(),
-                    };
-                }
-                GpoStatus::GpoOk
-            }
-            Err(e) => fail(&e),
+        let r = t.t.step(&Batch::Completions(items))?;
+        if let Some(out) = unsafe { report.as_mut() } {
+            *out = GpoStepReport {
+                step: r.step,
+                loss: r.loss,
+                grad_norm: r.grad_norm,
+                tokens_per_s: r.tokens_per_s,
+                logprob_gap: r.logprob_gap_mean.unwrap_or(f64::NAN),
+                skipped: r.skipped.is_some(),
+            };
         }
+        Ok(())
     })
 }
 
@@ -156,15 +130,9 @@ pub unsafe extern "C" fn gpo_trainer_step(
 #[no_mangle]
 pub unsafe extern "C" fn gpo_trainer_export(t: *const GpoTrainer, path: *const c_char) -> GpoStatus {
     guard(|| {
-        let Some(t) = (unsafe { t.as_ref() }) else { return super::null_arg("trainer") };
-        let path = match unsafe { path_arg(path, "path") } {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
-        match t.t.export_adapter(path) {
-            Ok(()) => GpoStatus::GpoOk,
-            Err(e) => fail(&e),
-        }
+        let t = unsafe { handle(t, "trainer") }?;
+        t.t.export_adapter(unsafe { path_arg(path, "path") }?)?;
+        Ok(())
     })
 }
 
@@ -206,21 +174,10 @@ pub type GpoProgressFn = Option<unsafe extern "C" fn(user_data: *mut c_void, pro
 #[no_mangle]
 pub unsafe extern "C" fn gpo_run_new(config_path: *const c_char, out: *mut *mut GpoRun) -> GpoStatus {
     guard(|| {
-        let out = match unsafe { check_out(out) } {
-            Ok(o) => o,
-            Err(s) => return s,
-        };
-        let path = match unsafe { path_arg(config_path, "config_path") } {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
-        match RunConfig::load(path) {
-            Ok(cfg) => {
-                *out = Box::into_raw(Box::new(GpoRun { cfg, cancel: AtomicBool::new(false) }));
-                GpoStatus::GpoOk
-            }
-            Err(e) => fail(&e),
-        }
+        let out = unsafe { check_out(out) }?;
+        let cfg = RunConfig::load(unsafe { path_arg(config_path, "config_path") }?)?;
+        put(out, GpoRun { cfg, cancel: AtomicBool::new(false) });
+        Ok(())
     })
 }
 
@@ -267,14 +224,12 @@ impl Progress for CallbackProgress {
 #[no_mangle]
 pub unsafe extern "C" fn gpo_run_start(run: *mut GpoRun, progress: GpoProgressFn, user_data: *mut c_void) -> GpoStatus {
     guard(|| {
-        let Some(r) = (unsafe { run.as_ref() }) else { return super::null_arg("run") };
+        let r = unsafe { handle(run, "run") }?;
         r.cancel.store(false, Ordering::Relaxed);
         let mut p =
             CallbackProgress { cb: progress, user: user_data, total: r.cfg.iterations, cancel: &r.cancel, stop: false };
-        match crate::gpo::run(&r.cfg, &mut p) {
-            Ok(_) => GpoStatus::GpoOk,
-            Err(e) => fail(&e),
-        }
+        crate::gpo::run(&r.cfg, &mut p)?;
+        Ok(())
     })
 }
 
@@ -284,13 +239,10 @@ pub unsafe extern "C" fn gpo_run_start(run: *mut GpoRun, progress: GpoProgressFn
 /// `run` is NULL or valid.
 #[no_mangle]
 pub unsafe extern "C" fn gpo_run_cancel(run: *const GpoRun) -> GpoStatus {
-    match unsafe { run.as_ref() } {
-        Some(r) => {
-            r.cancel.store(true, Ordering::Relaxed);
-            GpoStatus::GpoOk
-        }
-        None => super::null_arg("run"),
-    }
+    guard(|| {
+        unsafe { handle(run, "run") }?.cancel.store(true, Ordering::Relaxed);
+        Ok(())
+    })
 }
 
 /// Frees a run; NULL is a no-op. It must not be running.

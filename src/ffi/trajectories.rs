@@ -104,10 +104,7 @@ pub unsafe extern "C" fn gpo_trajectory_tokens(
     len: *mut usize,
 ) -> GpoStatus {
     guard(|| {
-        let t = match unsafe { GpoTrajectories::get(list, index) } {
-            Ok(t) => t,
-            Err(s) => return s,
-        };
+        let t = unsafe { GpoTrajectories::get(list, index) }?;
         unsafe {
             if !tokens.is_null() {
                 *tokens = t.tokens.as_ptr();
@@ -119,7 +116,7 @@ pub unsafe extern "C" fn gpo_trajectory_tokens(
                 *len = t.tokens.len();
             }
         }
-        GpoStatus::GpoOk
+        Ok(())
     })
 }
 
@@ -137,9 +134,7 @@ pub unsafe extern "C" fn gpo_trajectory_steps(
     n_steps: *mut usize,
 ) -> GpoStatus {
     guard(|| {
-        if let Err(s) = unsafe { GpoTrajectories::get(list, index) } {
-            return s;
-        }
+        unsafe { GpoTrajectories::get(list, index) }?;
         let l = unsafe { &*list };
         unsafe {
             if !bounds.is_null() {
@@ -149,7 +144,7 @@ pub unsafe extern "C" fn gpo_trajectory_steps(
                 *n_steps = l.steps[index].len() / 2;
             }
         }
-        GpoStatus::GpoOk
+        Ok(())
     })
 }
 

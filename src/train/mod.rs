@@ -66,6 +66,8 @@ pub struct TrainerConfig {
     pub seed: u64,
     /// Compute in f64 (gradient checks) instead of f32.
     pub f64: bool,
+    /// "cpu" (default) or "cuda" / "cuda:N" (CUDA builds; weights in bf16, adapter master in f32).
+    pub device: String,
     /// Where π_old of the PPO ratio comes from.
     pub pi_old: PiOld,
     /// Fixed KTO reference point (None = the clamped batch estimate, as TRL does).
@@ -110,6 +112,7 @@ impl Default for TrainerConfig {
             head_chunk: 256,
             seed: 0,
             f64: false,
+            device: "cpu".into(),
             pi_old: PiOld::Trainer,
             kto_z_ref: None,
             recompute: true,
@@ -196,8 +199,28 @@ impl Trainer {
                 return Err(Error::invalid("tis_cap", format!("{c} must be positive")));
             }
         }
-        let dtype = if cfg.f64 { DType::F64 } else { DType::F32 };
-        let mut weights = Weights::load(&cfg.model, dtype, &Device::Cpu)?;
+        let device = match cfg.device.as_str() {
+            "cpu" => Device::Cpu,
+            d if d.starts_with("cuda") => {
+                let idx = match d.strip_prefix("cuda").unwrap_or("").strip_prefix(':') {
+                    Some(n) => n
+                        .parse::<usize>()
+                        .map_err(|_| Error::invalid("device", format!("{d:?}: use cuda or cuda:N")))?,
+                    None => 0,
+                };
+                Device::new_cuda(idx)
+                    .map_err(|e| Error::invalid("device", format!("{d}: {e} (CUDA needs a `--features cuda` build)")))?
+            }
+            other => return Err(Error::invalid("device", format!("{other:?}: use cpu, cuda or cuda:N"))),
+        };
+        let dtype = if cfg.f64 {
+            DType::F64
+        } else if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let mut weights = Weights::load(&cfg.model, dtype, &device)?;
         weights.cfg.ggml_cpu_gelu = cfg.ggml_cpu_gelu;
         let fingerprint = checkpoint::fingerprint(&cfg.model)?;
         let lora = Lora::new(&weights, &LoraConfig { seed: cfg.lora.seed ^ cfg.seed, ..cfg.lora.clone() })?;
