@@ -261,6 +261,8 @@ pub struct TrainSection {
     /// Recompute activations block by block in the backward pass (bounded memory for long
     /// traces); off is faster for short ones. Default true.
     pub recompute: bool,
+    /// Trainer device: "cpu" (default), "cuda" or "cuda:N" (CUDA builds).
+    pub device: String,
 }
 
 impl Default for TrainSection {
@@ -284,6 +286,7 @@ impl Default for TrainSection {
             train_on_value_rollouts: false,
             tis_cap: None,
             recompute: true,
+            device: "cpu".into(),
         }
     }
 }

@@ -238,6 +238,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
         micro_batch: t.micro_batch,
         epochs: t.epochs.max(1),
         recompute: t.recompute,
+        device: t.device.clone(),
         ..Default::default()
     };
     let mut trainer = Trainer::new(tcfg)?;

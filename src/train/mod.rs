@@ -73,7 +73,8 @@ pub struct TrainerConfig {
     /// Fixed KTO reference point (None = the clamped batch estimate, as TRL does).
     pub kto_z_ref: Option<f64>,
     /// Recompute activations block by block in the backward pass (memory bounded by one block,
-    /// for long reasoning traces) instead of keeping them (faster for short sequences).
+    /// for long reasoning traces) instead of keeping them (faster for short sequences). The
+    /// output head is recomputed chunk by chunk either way.
     pub recompute: bool,
     /// Optimiser steps per batch (PPO epochs). With 1, π_old is the current policy and comes out
     /// of the gradient pass itself; with more, it is computed once before the first epoch.

@@ -242,7 +242,9 @@ impl Forward<'_> {
             let tg = Tensor::from_slice(&targets[c0..c0 + len], len, dev).map_err(cerr)?;
             let hc = h.narrow(0, c0, len).map_err(cerr)?;
             let (out, softcap, plain) = (w.output.clone(), cfg.final_logit_softcap, self.plain);
-            let part = if grad && !plain && self.recompute {
+            // The head is always recomputed in the backward pass (cheap next to the blocks), so
+            // [tokens × vocab] logits never exist beyond one chunk, whatever `recompute` says.
+            let part = if grad && !plain {
                 checkpoint(&hc, vec![], self.sink, move |h| head(h, &out, &tg, inv_t, softcap, false))
             } else {
                 head(&hc, &out, &tg, inv_t, softcap, plain)
