@@ -7,7 +7,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpo  # noqa: E402
 
-model = sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/gpo/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+model = sys.argv[1] if len(sys.argv) > 1 else gpo.default_model()
 engine = gpo.Engine(model, n_parallel=8, n_ctx_per_seq=512)
 roots = engine.generate("Tom has 5 apples and buys 3 more. How many apples? Think step by step.", n=2, temperature=0.7, max_tokens=48, seed=1)
 print("sample:", roots.text(0)[:80].replace("\n", " | "), f"({len(roots.steps(0))} steps)")

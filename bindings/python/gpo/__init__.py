@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["Error", "Engine", "Trajectories", "Verifier", "Trainer", "Run", "version", "lib"]
+__all__ = ["Error", "Engine", "Trajectories", "Verifier", "Trainer", "Run", "version", "default_model", "models_dir", "lib"]
 
 
 def _load():
@@ -121,6 +121,18 @@ def _b(s):
 
 def version():
     return lib.gpo_version().decode()
+
+
+def models_dir():
+    """gpo's model cache: $GPO_MODELS_DIR, else $XDG_CACHE_HOME/gpo/models, else ~/.cache/gpo/models."""
+    if os.environ.get("GPO_MODELS_DIR"):
+        return Path(os.environ["GPO_MODELS_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpo" / "models"
+
+
+def default_model():
+    """Path of the default model (SmolLM2-135M-Instruct Q4_1; scripts/fetch-model.sh fetches it)."""
+    return str(models_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def _sampling(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=256, seed=0):

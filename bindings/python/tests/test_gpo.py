@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gpo  # noqa: E402
 
-MODEL = os.environ.get("GPO_TEST_MODEL", os.path.expanduser("~/.cache/gpo/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+MODEL = os.environ.get("GPO_TEST_MODEL", gpo.default_model())
 
 
 @pytest.fixture(scope="module")
