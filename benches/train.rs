@@ -10,7 +10,9 @@ fn step(c: &mut Criterion) {
     let model = gpo::models::default_model().expect("default model missing: run scripts/fetch-model.sh");
     let mut g = c.benchmark_group("train_step_2x128");
     g.sample_size(10).measurement_time(Duration::from_secs(60));
-    for (name, recompute, plain) in [("gpo_recompute", true, false), ("gpo_keep_activations", false, false), ("candle_plain_autograd", false, true)] {
+    for (name, recompute, plain) in
+        [("gpo_recompute", true, false), ("gpo_keep_activations", false, false), ("candle_plain_autograd", false, true)]
+    {
         let mut t = Trainer::new(TrainerConfig {
             model: model.clone(),
             objective: Objective::Grpo { clip: 0.2, aggregation: Aggregation::TokenMean },
