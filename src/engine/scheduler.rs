@@ -383,18 +383,22 @@ impl Scheduler {
         Ok(())
     }
 
+    /// The least recently used cached slot other than `keep`.
+    fn lru_cached(&self, keep: Option<usize>) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.cached && Some(*i) != keep)
+            .min_by_key(|(_, s)| s.last_used)
+            .map(|(i, _)| i)
+    }
+
     /// A slot for new work: a free one, else the least recently used cached one (not `keep`).
     fn free_slot(&mut self, keep: Option<usize>) -> Option<usize> {
         if let Some(i) = self.slots.iter().position(|s| s.running.is_none() && !s.cached) {
             return Some(i);
         }
-        let lru = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(i, s)| s.cached && Some(*i) != keep)
-            .min_by_key(|(_, s)| s.last_used)
-            .map(|(i, _)| i)?;
+        let lru = self.lru_cached(keep)?;
         self.evict(lru);
         Some(lru)
     }
@@ -408,15 +412,8 @@ impl Scheduler {
     }
 
     fn evict_lru_cached(&mut self) -> bool {
-        let lru =
-            self.slots.iter().enumerate().filter(|(_, s)| s.cached).min_by_key(|(_, s)| s.last_used).map(|(i, _)| i);
-        match lru {
-            Some(i) => {
-                self.evict(i);
-                true
-            }
-            None => false,
-        }
+        let lru = self.lru_cached(None);
+        lru.inspect(|&i| self.evict(i)).is_some()
     }
 
     // ---- one decode step ------------------------------------------------------------------
