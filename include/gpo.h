@@ -10,16 +10,6 @@
 #include <stdbool.h>
 
 /*
- Protocol version.
- */
-#define VERSION 1
-
-/*
- Root id.
- */
-#define Tree_ROOT 0
-
-/*
  Result code of every fallible gpo call.
  */
 typedef enum GpoStatus {
@@ -94,11 +84,6 @@ typedef struct GpoValues GpoValues;
  Thread-safety: may be used from several threads at once.
  */
 typedef struct GpoVerifier GpoVerifier;
-
-/*
- A projection LoRA can adapt.
- */
-typedef struct Target Target;
 
 /*
  Engine settings (take them from gpo_engine_default_params() and change what you need).
@@ -254,18 +239,6 @@ typedef struct GpoProgress {
  returns GPO_CANCELLED; the run resumes from its last checkpoint next time).
  */
 typedef int32_t (*GpoProgressFn)(void *user_data, const struct GpoProgress *progress);
-
-/*
- File name of the default model.
- */
-#define DEFAULT_MODEL_FILE (SMOLLM2).file
-
-/*
- SHA-256 of the default model file.
- */
-#define DEFAULT_MODEL_SHA256 (SMOLLM2).sha256
-
-
 
 #ifdef __cplusplus
 extern "C" {
@@ -528,7 +501,8 @@ enum GpoStatus gpo_run_new(const char *config_path, struct GpoRun **out);
 enum GpoStatus gpo_run_start(struct GpoRun *run, GpoProgressFn progress, void *user_data);
 
 /*
- Asks a running gpo_run_start() to stop at the next iteration boundary (any thread).
+ Asks a running gpo_run_start() to stop at the next iteration boundary (any thread; with a
+ valid `run` it is one atomic store, so a signal handler may call it).
 
  # Safety
  `run` is NULL or valid.

@@ -81,12 +81,9 @@ fn c_example_runs_a_gpo_iteration_on_the_real_model() {
     );
 }
 
-#[test]
-fn c_abi_is_safe_under_address_sanitizer() {
-    let exe = scratch("abi_test_asan");
-    compile("cc", "tests/c/abi_test.c", &exe, &["-std=c11", "-fsanitize=address", "-fno-omit-frame-pointer"]);
-    let dir = scratch("c-abi-run");
-    std::fs::create_dir_all(&dir).unwrap();
+/// A two-iteration run configuration on the tiny model, written into `dir`.
+fn tiny_run_config(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let cfg = dir.join("run.toml");
     std::fs::write(
         &cfg,
@@ -97,6 +94,35 @@ fn c_abi_is_safe_under_address_sanitizer() {
         ),
     )
     .unwrap();
+    cfg
+}
+
+#[test]
+fn c_run_driver_runs_and_resumes_a_whole_run() {
+    let exe = scratch("gpo_run");
+    compile("cc", "examples/c/gpo_run.c", &exe, &["-std=c11"]);
+    let cfg = tiny_run_config(&scratch("c-run-driver"));
+    let (ok, stdout, stderr) = run(&exe, &[cfg.to_str().unwrap()], &[]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("iteration 1/2: reward")
+            && stdout.contains("iteration 2/2: reward")
+            && stdout.ends_with("done\n"),
+        "{stdout}"
+    );
+    // Finished runs resume to completion without repeating an iteration.
+    let (ok, stdout, stderr) = run(&exe, &[cfg.to_str().unwrap()], &[]);
+    assert!(ok && stdout == "done\n", "{stdout}\n{stderr}");
+    let (ok, _, stderr) = run(&exe, &["/nonexistent/run.toml"], &[]);
+    assert!(!ok && stderr.contains("gpo_run_new"), "{stderr}");
+}
+
+#[test]
+fn c_abi_is_safe_under_address_sanitizer() {
+    let exe = scratch("abi_test_asan");
+    compile("cc", "tests/c/abi_test.c", &exe, &["-std=c11", "-fsanitize=address", "-fno-omit-frame-pointer"]);
+    let dir = scratch("c-abi-run");
+    let cfg = tiny_run_config(&dir);
     let (ok, stdout, stderr) = run(
         &exe,
         &[tiny_model("llama").to_str().unwrap(), cfg.to_str().unwrap(), dir.to_str().unwrap()],

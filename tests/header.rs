@@ -27,3 +27,32 @@ fn header_compiles_as_c_and_cpp() {
         assert!(st.success(), "{compiler} rejected include/gpo.h");
     }
 }
+
+#[test]
+fn header_exports_only_gpo_names() {
+    // Every macro, type and function carries the gpo prefix: nothing from the Rust side leaks
+    // into a C program's namespace.
+    for line in FRESH.lines() {
+        let name = if let Some(rest) = line.strip_prefix("#define ") {
+            rest.split_whitespace().next()
+        } else if let Some(rest) = line.strip_prefix("typedef ") {
+            rest.split(['(', '{', ' ']).find(|w| w.starts_with("Gpo") || w.starts_with('*')).or(Some(rest))
+        } else {
+            None
+        };
+        if let Some(name) = name {
+            let name = name.trim_start_matches('*');
+            assert!(
+                name.starts_with("GPO_") || name.starts_with("Gpo") || name == "GPO_H",
+                "include/gpo.h exports `{name}` without the gpo prefix: {line}"
+            );
+        }
+    }
+    // Function declarations start at column 0 with their return type.
+    let declarations =
+        FRESH.lines().filter(|l| l.contains('(') && !l.starts_with([' ', '#', '/', '}']) && !l.starts_with("typedef"));
+    for line in declarations {
+        let ident = line[..line.find('(').unwrap()].rsplit([' ', '*']).next().unwrap_or("");
+        assert!(ident.starts_with("gpo_"), "function `{ident}` lacks the gpo_ prefix: {line}");
+    }
+}

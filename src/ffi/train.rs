@@ -233,7 +233,8 @@ pub unsafe extern "C" fn gpo_run_start(run: *mut GpoRun, progress: GpoProgressFn
     })
 }
 
-/// Asks a running gpo_run_start() to stop at the next iteration boundary (any thread).
+/// Asks a running gpo_run_start() to stop at the next iteration boundary (any thread; with a
+/// valid `run` it is one atomic store, so a signal handler may call it).
 ///
 /// # Safety
 /// `run` is NULL or valid.
