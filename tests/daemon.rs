@@ -207,6 +207,25 @@ fn training_jobs_stream_progress_and_a_shell_client_drives_them() {
     let line: Value = serde_json::from_slice(&socat.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&socat.stdout)));
     assert_eq!(ok(&line)["jobs"][0]["state"], json!("done"));
+    // A whole run driven by the README's shell client; its relative output is taken relative to
+    // the configuration file, as `gpo train --config` does.
+    let dir = scratch("shell-run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("run.toml");
+    std::fs::write(&cfg, train_config(Path::new("out"), 2)).unwrap();
+    let shell = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpod-train.sh"))
+        .arg(&cfg)
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&shell.stdout);
+    assert!(shell.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&shell.stderr));
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let finished: Vec<&Value> = lines.iter().filter_map(|l| l["data"].get("metrics")).collect();
+    assert_eq!(finished.len(), 2, "a progress event with metrics per iteration: {stdout}");
+    assert!(finished.iter().all(|m| m["seconds"].as_f64().unwrap() > 0.0), "timings are reported: {stdout}");
+    assert_eq!(ok(lines.last().unwrap())["state"], json!("done"), "{stdout}");
+    assert_eq!(gpo::gpo::read_metrics(&dir.join("out")).unwrap().len(), 2);
 }
 
 #[test]

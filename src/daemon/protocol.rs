@@ -15,6 +15,7 @@ use crate::task::Task;
 use crate::tree::CriticalMode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::path::{Path, PathBuf};
 
 /// Protocol version.
 pub const VERSION: u64 = 1;
@@ -101,8 +102,9 @@ pub enum Op {
         answer: String,
         sampling: SamplingParams,
     },
-    /// Queue a GPO run (TOML config text).
-    Train { config: String },
+    /// Queue a GPO run (TOML config text; relative paths in it are taken relative to `base`,
+    /// an absolute directory, default the daemon's state directory).
+    Train { config: String, base: Option<PathBuf> },
     /// Held-out accuracy on the serving engine.
     Eval { tasks: Vec<Task>, max_tokens: usize },
     /// Cancel a request (by its id, on any connection of the same user) or a job.
@@ -325,7 +327,14 @@ pub fn parse_request(line: &str, limits: &Limits) -> Result<Request, ProtocolErr
                 sampling: sampling(&id, get(&o, "sampling"), limits)?,
             }
         }
-        "train" => Op::Train { config: string(&id, &o, "config")? },
+        "train" => Op::Train {
+            config: string(&id, &o, "config")?,
+            base: match get(&o, "base") {
+                None => None,
+                Some(Value::String(b)) if Path::new(b).is_absolute() => Some(PathBuf::from(b)),
+                Some(_) => return Err(invalid(&id, "invalid", "base must be an absolute directory path")),
+            },
+        },
         "eval" => {
             let tasks: Vec<Task> = match get(&o, "tasks") {
                 Some(t) => {
@@ -400,6 +409,11 @@ mod tests {
             p(r#"{"v":1,"op":"values","trajectory":3,"answer":"5","verifier":{"kind":"exact"}}"#).unwrap().op,
             Op::Values { .. }
         ));
+        match p(r#"{"v":1,"op":"train","config":"x","base":"/srv/runs"}"#).unwrap().op {
+            Op::Train { base, .. } => assert_eq!(base.as_deref(), Some(Path::new("/srv/runs"))),
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(p(r#"{"v":1,"op":"train","config":"x"}"#).unwrap().op, Op::Train { base: None, .. }));
     }
 
     #[test]
@@ -421,6 +435,8 @@ mod tests {
         assert_eq!(code(r#"{"v":1,"op":"fork","trajectory":-1,"at":0}"#), "invalid");
         assert_eq!(code(r#"{"v":1,"op":"values","trajectory":1,"answer":"1","rollouts":1000}"#), "too_large");
         assert_eq!(code(r#"{"v":1,"id":[1],"op":"status"}"#), "invalid");
+        assert_eq!(code(r#"{"v":1,"op":"train","config":"x","base":"runs"}"#), "invalid");
+        assert_eq!(code(r#"{"v":1,"op":"train","config":"x","base":7}"#), "invalid");
         let big = format!(r#"{{"v":1,"op":"generate","prompt":"{}"}}"#, "x".repeat(40_000));
         assert_eq!(code(&big), "too_large");
         assert_eq!(p(r#"{"v":1,"id":"k","op":"dance"}"#).unwrap_err().id, serde_json::json!("k"));

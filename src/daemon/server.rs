@@ -243,7 +243,7 @@ impl Shared {
                 let sv = crate::gpo::values::estimate(&rollouts_src, &t, *rollouts, sampling, *critical, &mut score)?;
                 Ok(serde_json::to_value(sv).expect("values"))
             }
-            Op::Train { config } => self.queue_job(config),
+            Op::Train { config, base } => self.queue_job(config, base.as_deref()),
             Op::Eval { tasks, max_tokens } => {
                 let engine = self.engine()?;
                 let r =
@@ -308,12 +308,11 @@ impl Shared {
         }
     }
 
-    fn queue_job(&self, config: &str) -> Result<Value> {
-        let mut cfg: RunConfig = toml::from_str(config).map_err(|e| Error::invalid("config", e.to_string()))?;
-        cfg.validate()?;
-        if cfg.output.is_relative() {
-            cfg.output = self.cfg.state_dir.join(&cfg.output);
-        }
+    fn queue_job(&self, config: &str, base: Option<&Path>) -> Result<Value> {
+        let cfg = RunConfig::from_toml(config, base.unwrap_or(&self.cfg.state_dir)).map_err(|e| match e {
+            Error::Data { reason, .. } => Error::invalid("config", reason),
+            e => e,
+        })?;
         let mut jobs = self.jobs.lock().map_err(|_| Error::EngineStopped("job lock".into()))?;
         let id = jobs.iter().map(|j| j.info.id + 1).max().unwrap_or(1);
         let dir = self.cfg.state_dir.join("jobs");
@@ -375,7 +374,7 @@ impl Progress for JobProgress<'_> {
         self.shared.job_event(self.id, "progress", json!({ "iteration": iteration, "phase": what }), |_| {});
     }
     fn iteration(&mut self, r: &MetricsRow) {
-        let data = serde_json::to_value(r.without_timing()).expect("row");
+        let data = serde_json::to_value(r).expect("row");
         self.shared.job_event(self.id, "progress", json!({ "iteration": r.iteration, "metrics": data }), |i| {
             i.iteration = r.iteration + 1
         });

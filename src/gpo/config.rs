@@ -359,12 +359,20 @@ impl RunConfig {
             std::io::ErrorKind::NotFound => Error::NotFound(path.to_path_buf()),
             _ => Error::io(path, e),
         })?;
-        let mut cfg: RunConfig = toml::from_str(&text).map_err(|e| Error::Data {
-            path: path.to_path_buf(),
+        Self::from_toml(&text, path.parent().unwrap_or(Path::new("."))).map_err(|e| match e {
+            Error::Data { reason, .. } => Error::Data { path: path.to_path_buf(), line: 0, reason },
+            e => e,
+        })
+    }
+
+    /// Parses and checks TOML text; relative paths (output, model, task files) are taken
+    /// relative to `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<RunConfig> {
+        let mut cfg: RunConfig = toml::from_str(text).map_err(|e| Error::Data {
+            path: PathBuf::from("<config>"),
             line: 0,
             reason: e.to_string(),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
