@@ -94,3 +94,28 @@ def test_cancel_from_another_thread(engine):
     engine.cancel()
     th.join(timeout=60)
     assert result.get("status") == 4
+
+
+def test_run_stops_from_its_callback_and_run_gpo_resumes_it(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f'mode = "gpo"\niterations = 2\noutput = "out"\nmodel = "{MODEL}"\n'
+        "[tasks]\ntrain_count = 8\neval_count = 2\n[rollout]\nprompts = 1\ngroup_size = 2\nmax_tokens = 16\n"
+        "[value]\nrollouts = 2\n[train]\nrank = 2\nalpha = 4.0\nrecompute = false\n[eval]\nmax_tokens = 8\n"
+        "[engine]\nparallel = 4\nctx_per_sequence = 256\n"
+    )
+    seen = []
+    with gpo.Run(str(cfg)) as run:
+        with pytest.raises(gpo.Error) as e:
+            run.start(lambda p: seen.append(p) or False)
+        assert e.value.status == 4
+    assert [p["iteration"] for p in seen] == [0] and seen[0]["iterations"] == 2
+    assert (tmp_path / "out" / "metrics.jsonl").read_text().count("\n") == 1
+    # The README's driver resumes the run from its checkpoint and finishes it.
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_gpo.py")
+    out = subprocess.run([sys.executable, script, str(cfg)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "iteration 2/2" in out.stdout and "iteration 1/2" not in out.stdout and out.stdout.endswith("done\n")
+    assert (tmp_path / "out" / "metrics.jsonl").read_text().count("\n") == 2
