@@ -10,3 +10,4 @@ cargo clippy --release --locked --all-targets -- -D warnings
 cargo build --release --locked            # libgpo.so for the C, C++ and Python tests
 cargo test --release --locked
 python3 -m pytest -q bindings/python/tests
+scripts/fuzz.sh 60                        # gpod's parser under libFuzzer + ASan

@@ -442,6 +442,19 @@ mod tests {
         assert_eq!(p(r#"{"v":1,"id":"k","op":"dance"}"#).unwrap_err().id, serde_json::json!("k"));
     }
 
+    #[test]
+    fn fuzz_seeds_are_valid_requests() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/protocol");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(p(&text).is_ok(), "{}: {:?}", path.display(), p(&text).err().map(|e| e.message));
+            n += 1;
+        }
+        assert!(n >= 8, "seed corpus in {}", dir.display());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4000))]
         #[test]
