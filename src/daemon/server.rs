@@ -151,13 +151,10 @@ impl Shared {
 
     fn load(&self, model: &Path, e: &LoadEngine) -> Result<Value> {
         let engine = Engine::start(EngineConfig {
-            model: model.to_path_buf(),
             n_gpu_layers: e.gpu_layers,
             n_threads: e.threads,
-            n_ctx: e.ctx_per_sequence.saturating_mul(e.parallel.max(1)),
-            n_parallel: e.parallel,
             kv_mode: e.kv,
-            ..Default::default()
+            ..EngineConfig::slots(model, e.parallel, e.ctx_per_sequence)
         })?;
         let info = serde_json::to_value(engine.info()).expect("info");
         *self.engine.write().map_err(|_| Error::EngineStopped("engine lock poisoned".into()))? =

@@ -61,6 +61,19 @@ pub struct EngineConfig {
     pub prefix_cache: bool,
 }
 
+impl EngineConfig {
+    /// `model` with `parallel` sequences of `ctx_per_sequence` KV cells each (the other
+    /// settings default).
+    pub fn slots(model: impl Into<PathBuf>, parallel: u32, ctx_per_sequence: u32) -> EngineConfig {
+        EngineConfig {
+            model: model.into(),
+            n_ctx: ctx_per_sequence.saturating_mul(parallel.max(1)),
+            n_parallel: parallel,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {

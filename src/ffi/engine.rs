@@ -94,13 +94,10 @@ pub unsafe extern "C" fn gpo_engine_new(
         let path = unsafe { path_arg(model_path, "model_path") }?;
         let p = unsafe { params_or(params, gpo_engine_default_params()) };
         let engine = Engine::start(EngineConfig {
-            model: path.to_path_buf(),
             n_gpu_layers: p.n_gpu_layers,
             n_threads: p.n_threads,
-            n_ctx: p.n_ctx_per_seq.saturating_mul(p.n_parallel.max(1)),
-            n_parallel: p.n_parallel,
             kv_mode: if p.kv_unified { KvMode::Unified } else { KvMode::PerSequence },
-            ..Default::default()
+            ..EngineConfig::slots(path, p.n_parallel, p.n_ctx_per_seq)
         })?;
         put(out, GpoEngine { engine, inflight: Mutex::new(Vec::new()), next_call: AtomicU64::new(0) });
         Ok(())
@@ -134,6 +131,12 @@ impl GpoEngine {
         }
         out
     }
+
+    /// Runs one request; its trajectories as a new handle for the caller to own.
+    fn run_one(&self, req: GenerateRequest) -> crate::Result<*mut GpoTrajectories> {
+        let mut got = self.run(vec![req])?;
+        Ok(GpoTrajectories::boxed(got.remove(0)))
+    }
 }
 
 /// Samples `n` completions of `prompt` (a user message through the model's chat template, or raw
@@ -157,8 +160,7 @@ pub unsafe extern "C" fn gpo_generate(
         let text = unsafe { str_arg(prompt, "prompt") }?;
         let p = unsafe { params_or(params, gpo_sampling_default_params()) };
         let prompt = if raw { Prompt::Raw(text.to_string()) } else { Prompt::user(text) };
-        let mut got = e.run(vec![GenerateRequest::new(prompt, n, (&p).into())])?;
-        *out = GpoTrajectories::boxed(got.remove(0));
+        *out = e.run_one(GenerateRequest::new(prompt, n, (&p).into()))?;
         Ok(())
     })
 }
@@ -183,8 +185,7 @@ pub unsafe extern "C" fn gpo_fork(
         let e = unsafe { handle(engine, "engine") }?;
         let parent = unsafe { GpoTrajectories::get(from, index) }?;
         let p = unsafe { params_or(params, gpo_sampling_default_params()) };
-        let mut got = e.run(vec![GenerateRequest::continuing(parent, at, n, (&p).into())?])?;
-        *out = GpoTrajectories::boxed(got.remove(0));
+        *out = e.run_one(GenerateRequest::continuing(parent, at, n, (&p).into())?)?;
         Ok(())
     })
 }

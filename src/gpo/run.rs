@@ -257,13 +257,10 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
     };
     roll_back(&dir, start)?;
     let engine = Engine::start(EngineConfig {
-        model: model.clone(),
         n_gpu_layers: cfg.engine.gpu_layers,
         n_threads: cfg.engine.threads,
-        n_ctx: cfg.engine.ctx_per_sequence * cfg.engine.parallel,
-        n_parallel: cfg.engine.parallel,
         kv_mode: cfg.engine.kv,
-        ..Default::default()
+        ..EngineConfig::slots(model.clone(), cfg.engine.parallel, cfg.engine.ctx_per_sequence)
     })?;
     if let Some(ckpt) = &resume {
         if trainer.steps_done() > 0 {
