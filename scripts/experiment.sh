@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The README's experiment: grpo, random-reset, gpo and gpo with the adaptive value budget on the built-in arithmetic task with the
-# default model, same seed and the same per-iteration token budget (configs/experiment/*.toml).
-# Each run resumes if interrupted. Writes runs/experiment/<mode>/ and the
-# combined plot runs/experiment/plot.svg.
+# The README's experiment: grpo, random-reset, gpo and gpo with the adaptive value budget on the
+# built-in arithmetic task with the default model, same seed and the same per-iteration token
+# budget (configs/experiment/*.toml). Each run resumes if interrupted. Writes
+# runs/experiment/<arm>/ and the combined plot runs/experiment/plot.svg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
