@@ -381,3 +381,19 @@ fn configs_are_checked() {
         .unwrap_err()
         .contains("adaptive_min"));
 }
+
+#[test]
+fn shipped_configs_load() {
+    // Every run configuration in configs/ (the experiment's arms, the quick run) parses and
+    // validates, with its relative output resolved next to the file.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut files = vec![root.join("quick.toml")];
+    for e in std::fs::read_dir(root.join("experiment")).unwrap() {
+        files.push(e.unwrap().path());
+    }
+    assert!(files.len() >= 5, "{files:?}");
+    for f in files {
+        let cfg = RunConfig::load(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert!(cfg.output.starts_with(f.parent().unwrap()), "{}", f.display());
+    }
+}
