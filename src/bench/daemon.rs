@@ -130,11 +130,7 @@ pub fn daemon(args: &DaemonArgs) -> Result<()> {
             })
         })
         .collect();
-    let mut done = 0;
-    for h in handles {
-        done += h.join().map_err(|_| crate::Error::EngineStopped("client thread panicked".into()))??;
-    }
-    let socket_rate = done as f64 / t.elapsed().as_secs_f64();
+    let socket_rate = join_counts(handles)? as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     let handles: Vec<_> = (0..args.clients)
         .map(|c| {
@@ -149,11 +145,7 @@ pub fn daemon(args: &DaemonArgs) -> Result<()> {
             })
         })
         .collect();
-    let mut local_done = 0;
-    for h in handles {
-        local_done += h.join().map_err(|_| crate::Error::EngineStopped("client thread panicked".into()))??;
-    }
-    let local_rate = local_done as f64 / t.elapsed().as_secs_f64();
+    let local_rate = join_counts(handles)? as f64 / t.elapsed().as_secs_f64();
     println!("\nsmall requests (4 tokens) from {} concurrent clients, {} each:", args.clients, args.requests);
     println!("| path | requests/s | vs in-process |");
     println!("|---|---|---|");
@@ -163,4 +155,13 @@ pub fn daemon(args: &DaemonArgs) -> Result<()> {
     let _ = server.join();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Joins client threads and sums the requests each completed.
+fn join_counts(handles: Vec<std::thread::JoinHandle<Result<usize>>>) -> Result<usize> {
+    let mut done = 0;
+    for h in handles {
+        done += h.join().map_err(|_| crate::Error::EngineStopped("client thread panicked".into()))??;
+    }
+    Ok(done)
 }
