@@ -150,7 +150,8 @@ typedef struct GpoValueParams {
    */
   uint32_t rollouts;
   /*
-   0 = abs (largest |A_i|), 1 = drop (smallest A_i), 2 = gain (largest A_i).
+   0 = abs (largest |A_i|), 1 = drop (smallest A_i), 2 = gain (largest A_i), 3 = auto (drop
+   for a failed trajectory, gain for a correct one).
    */
   int32_t critical_mode;
   /*

@@ -1,14 +1,46 @@
 #!/usr/bin/env bash
-# The README's experiment: grpo, random-reset, gpo and gpo with the adaptive value budget on the
-# built-in arithmetic task with the default model, same seed and the same per-iteration token
-# budget (configs/experiment/*.toml). Each run resumes if interrupted. Writes
-# runs/experiment/<arm>/ and the combined plot runs/experiment/plot.svg.
+# The README's experiment: every arm of configs/experiment/<setting>/ for each seed, at the same
+# generated-token budget per iteration. Runs what is missing, in order of importance (all arms of
+# a seed before the next seed), resumes an interrupted run, and copies each finished run's small
+# outputs (config, metrics, initial evaluation) to docs/experiment/<setting>/<arm>/seed-<n>/, where
+# they are committed. Then regenerates the README's tables and docs/experiment-*.svg from what is
+# committed there (no hand-copied numbers).
+#
+#   scripts/experiment.sh              # everything missing, then the report
+#   scripts/experiment.sh --report     # only the report
+#   SETTINGS="one-step" SEEDS="1 2" scripts/experiment.sh   # a subset
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-cargo build --release --locked --quiet --bin gpo
-for mode in grpo random-reset gpo gpo-adaptive; do
-  /usr/bin/time -f "$mode: %e s wall" target/release/gpo train --config "configs/experiment/$mode.toml"
-done
-target/release/gpo plot --run runs/experiment/grpo --run runs/experiment/random-reset --run runs/experiment/gpo --run runs/experiment/gpo-adaptive --out runs/experiment/plot.svg
+gpo=${GPO_BIN:-target/release/gpo}   # GPO_BIN: a fixed binary for runs that span rebuilds
+if [ -z "${GPO_BIN:-}" ]; then
+  echo "experiment: building gpo (the first build takes ~15 minutes on 2 cores)" >&2
+  cargo build --release --locked --bin gpo
+fi
+
+plan() { # setting, seeds, arms in order
+  echo "one-step|${SEEDS:-1 2 3}|gpo grpo random-reset gpo-paper"
+  echo "two-step|${SEEDS_HARD:-1 2}|gpo grpo random-reset"
+}
+
+if [ "${1:-}" != "--report" ]; then
+  plan | while IFS='|' read -r setting seeds arms; do
+    case " ${SETTINGS:-one-step two-step} " in *" $setting "*) ;; *) continue ;; esac
+    for seed in $seeds; do
+      for arm in $arms; do
+        cfg="configs/experiment/$setting/$arm.toml"
+        done_dir="docs/experiment/$setting/$arm/seed-$seed"
+        want=$(sed -n 's/^iterations *= *\([0-9]*\).*/\1/p' "$cfg")
+        if [ -f "$done_dir/metrics.jsonl" ] && [ "$(wc -l < "$done_dir/metrics.jsonl")" -ge "$want" ]; then
+          continue
+        fi
+        out="runs/experiment/$setting/$arm/seed-$seed"
+        echo "experiment: $setting / $arm / seed $seed → $out" >&2
+        "$gpo" train --config "$cfg" --seed "$seed" --output "$out"
+        mkdir -p "$done_dir"
+        cp "$out/config.toml" "$out/metrics.jsonl" "$out/eval-initial.json" "$done_dir/"
+      done
+    done
+  done
+fi
+"$gpo" report --dir docs/experiment --readme README.md --plots docs

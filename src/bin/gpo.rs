@@ -78,6 +78,12 @@ enum Cmd {
         /// Run configuration (TOML; see configs/).
         #[arg(long)]
         config: PathBuf,
+        /// Override the config's master seed (repeated runs of one config).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Override the config's output directory.
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
     /// Plot held-out accuracy and reward per iteration of one or more runs (SVG).
     Plot {
@@ -330,8 +336,14 @@ impl gpo::gpo::Progress for Bars {
     }
 }
 
-fn train_run(config: &std::path::Path) -> Result<()> {
-    let cfg = gpo::gpo::RunConfig::load(config)?;
+fn train_run(config: &std::path::Path, seed: Option<u64>, output: Option<PathBuf>) -> Result<()> {
+    let mut cfg = gpo::gpo::RunConfig::load(config)?;
+    if let Some(s) = seed {
+        cfg.seed = s;
+    }
+    if let Some(o) = output {
+        cfg.output = o;
+    }
     let done = gpo::gpo::read_metrics(&cfg.output)?.len();
     eprintln!(
         "run: {} mode, {} iterations → {}{}",
@@ -529,7 +541,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Fit(args) => fit(args)?,
-        Cmd::Train { config } => train_run(&config)?,
+        Cmd::Train { config, seed, output } => train_run(&config, seed, output)?,
         Cmd::Plot { runs, out } => {
             let refs: Vec<&std::path::Path> = runs.iter().map(|p| p.as_path()).collect();
             gpo::gpo::plot::plot(&refs, &out)?;

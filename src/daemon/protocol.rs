@@ -9,6 +9,7 @@
 //! `shutdown` (fields below). Parsing never panics and checks every limit before work starts.
 
 use crate::engine::{Prompt, SamplingParams, StepConfig};
+use crate::gpo::values::Search;
 use crate::llama::ChatMessage;
 use crate::reward::VerifierConfig;
 use crate::task::Task;
@@ -97,6 +98,8 @@ pub enum Op {
     Values {
         trajectory: u64,
         rollouts: usize,
+        /// `dense` (default: every prefix) or `bisect`.
+        search: Search,
         critical: CriticalMode,
         verifier: VerifierConfig,
         answer: String,
@@ -313,6 +316,11 @@ pub fn parse_request(line: &str, limits: &Limits) -> Result<Request, ProtocolErr
             Op::Values {
                 trajectory: uint(&id, &o, "trajectory", None)?,
                 rollouts,
+                search: match get(&o, "search") {
+                    Some(c) => serde_json::from_value(c.clone())
+                        .map_err(|e| invalid(&id, "invalid", format!("search: {e}")))?,
+                    None => Search::Dense,
+                },
                 critical: match get(&o, "critical") {
                     Some(c) => serde_json::from_value(c.clone())
                         .map_err(|e| invalid(&id, "invalid", format!("critical: {e}")))?,

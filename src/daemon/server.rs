@@ -3,7 +3,7 @@
 
 use super::protocol::{self, parse_request, Limits, LoadEngine, Op, Request};
 use super::socket;
-use crate::engine::{Canceller, Engine, EngineConfig, GenerateRequest, RequestHandle, Trajectory};
+use crate::engine::{Canceller, Engine, EngineConfig, GenerateRequest, RequestHandle, StepConfig, Trajectory};
 use crate::eval::{evaluate, EvalConfig};
 use crate::gpo::{MetricsRow, Progress, RunConfig};
 use crate::reward::Verifier;
@@ -79,16 +79,18 @@ struct Job {
     subscribers: Vec<Sender<(String, Value)>>,
 }
 
+/// Remembered trajectories with the step segmentation they were generated with (forks and
+/// values of a trajectory segment their continuations the same way).
 struct Store {
-    by_id: HashMap<u64, Trajectory>,
+    by_id: HashMap<u64, (Trajectory, StepConfig)>,
     order: VecDeque<u64>,
     cap: usize,
 }
 
 impl Store {
-    fn put(&mut self, ts: &[Trajectory]) {
+    fn put(&mut self, ts: &[Trajectory], steps: &StepConfig) {
         for t in ts {
-            if self.by_id.insert(t.id, t.clone()).is_none() {
+            if self.by_id.insert(t.id, (t.clone(), steps.clone())).is_none() {
                 self.order.push_back(t.id);
             }
         }
@@ -165,6 +167,7 @@ impl Shared {
     /// Runs requests for one client request id; `cancel` with that id stops them.
     fn sample(&self, uid: u32, id: &Value, reqs: Vec<GenerateRequest>) -> Result<Vec<Vec<Trajectory>>> {
         let engine = self.engine()?;
+        let steps: Vec<StepConfig> = reqs.iter().map(|r| r.steps.clone()).collect();
         let handles: Vec<RequestHandle> = engine.submit_many(reqs)?;
         let key = id.to_string();
         let cancellers = handles.iter().map(RequestHandle::canceller).collect();
@@ -179,14 +182,14 @@ impl Shared {
         }
         let out = out?;
         if let Ok(mut s) = self.store.lock() {
-            for ts in &out {
-                s.put(ts);
+            for (ts, st) in out.iter().zip(&steps) {
+                s.put(ts, st);
             }
         }
         Ok(out)
     }
 
-    fn trajectory(&self, id: u64) -> Result<Trajectory> {
+    fn trajectory(&self, id: u64) -> Result<(Trajectory, StepConfig)> {
         self.store
             .lock()
             .ok()
@@ -226,18 +229,24 @@ impl Shared {
                 Ok(json!({ "trajectories": ts.iter().map(traj_json).collect::<Vec<_>>() }))
             }
             Op::Fork { trajectory, at, n, sampling } => {
-                let parent = self.trajectory(*trajectory)?;
-                let r = GenerateRequest::continuing(&parent, *at, *n, sampling.clone())?;
+                let (parent, steps) = self.trajectory(*trajectory)?;
+                let mut r = GenerateRequest::continuing(&parent, *at, *n, sampling.clone())?;
+                r.steps = steps;
                 let ts = self.sample(uid, &req.id, vec![r])?.remove(0);
                 Ok(json!({ "trajectories": ts.iter().map(traj_json).collect::<Vec<_>>() }))
             }
-            Op::Values { trajectory, rollouts, critical, verifier, answer, sampling } => {
-                let t = self.trajectory(*trajectory)?;
+            Op::Values { trajectory, rollouts, search, critical, verifier, answer, sampling } => {
+                let (t, steps) = self.trajectory(*trajectory)?;
                 let v = Verifier::new(verifier)?;
                 let model = self.engine()?.model().clone();
                 let mut score = |t: &Trajectory| Ok(v.score(&model.detokenize(&t.context), &t.text, answer) as f64);
                 let rollouts_src = ClientRollouts { shared: self.clone(), uid, id: req.id.clone() };
-                let sv = crate::gpo::values::estimate(&rollouts_src, &t, *rollouts, sampling, *critical, &mut score)?;
+                let search = crate::gpo::values::SearchConfig {
+                    search: *search,
+                    ..crate::gpo::values::SearchConfig::dense(*rollouts)
+                };
+                let sv =
+                    crate::gpo::values::estimate(&rollouts_src, &t, &search, sampling, &steps, *critical, &mut score)?;
                 Ok(serde_json::to_value(sv).expect("values"))
             }
             Op::Train { config, base } => self.queue_job(config, base.as_deref()),

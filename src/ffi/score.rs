@@ -83,7 +83,8 @@ pub type GpoRewardFn = Option<
 pub struct GpoValueParams {
     /// Continuations per prefix (M). Default 4.
     pub rollouts: u32,
-    /// 0 = abs (largest |A_i|), 1 = drop (smallest A_i), 2 = gain (largest A_i).
+    /// 0 = abs (largest |A_i|), 1 = drop (smallest A_i), 2 = gain (largest A_i), 3 = auto (drop
+    /// for a failed trajectory, gain for a correct one).
     pub critical_mode: i32,
     /// Sampling of the continuations.
     pub sampling: GpoSamplingParams,
@@ -130,10 +131,11 @@ pub unsafe extern "C" fn gpo_step_values(
             0 => CriticalMode::Abs,
             1 => CriticalMode::Drop,
             2 => CriticalMode::Gain,
+            3 => CriticalMode::Auto,
             m => {
                 return Err(fail_msg(
                     GpoStatus::GpoInvalidArgument,
-                    &format!("critical_mode {m} (0 abs, 1 drop, 2 gain)"),
+                    &format!("critical_mode {m} (0 abs, 1 drop, 2 gain, 3 auto)"),
                 ))
             }
         };
@@ -157,8 +159,9 @@ pub unsafe extern "C" fn gpo_step_values(
         let v = crate::gpo::values::estimate(
             &EngineRollouts(e),
             traj,
-            p.rollouts as usize,
+            &crate::gpo::values::SearchConfig::dense(p.rollouts as usize),
             &(&p.sampling).into(),
+            &crate::engine::StepConfig::default(), // gpo_generate segments with the default
             mode,
             &mut score,
         )

@@ -1,19 +1,30 @@
-//! One iteration's data: root samples, Monte-Carlo step values, critical-step resets, pairs —
-//! and the budget accounting that makes modes comparable.
+//! One iteration's data: root samples, the critical-step search, resets, and the training data
+//! of the whole tree — with the budget accounting that makes modes comparable.
+//!
+//! Every sampled continuation belongs to the group of the prefix (tree node) it was sampled
+//! from: roots to the prompt's group, probe rollouts and resets to the node they were forked at
+//! (so the probes and the resets at the critical prefix form one group). Online modes train on
+//! every group with a learning signal (GRPO: rewards normalised within the group; PPO:
+//! r − V(prefix); optionally + w·(r − V(root))); offline modes pair every correct with every
+//! incorrect sample of a group. Groups without a signal are counted, not trained.
 
-use super::config::{Mode, RunConfig};
+use super::config::{Gate, Mode, RunConfig};
+use super::values::{self, Analysis, Probe, ProbeHost};
 use crate::engine::{Engine, GenerateRequest, Prompt, SamplingParams, Trajectory};
 use crate::llama::Token;
 use crate::reward::Verifier;
 use crate::task::Task;
 use crate::train::{Completion, Labeled, Pair};
-use crate::tree::{critical_step, Tree};
-use crate::Result;
+use crate::tree::Tree;
+use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
-/// Counters of one iteration (rollouts and generated tokens by purpose, critical steps, timing).
+/// Counters of one iteration: rollouts and generated tokens by purpose, what was trained on,
+/// the search, timing.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CollectStats {
     /// Prompts used.
     pub prompts: usize,
@@ -21,7 +32,7 @@ pub struct CollectStats {
     pub root_rollouts: u64,
     /// Tokens of root samples.
     pub root_tokens: u64,
-    /// Value-estimation rollouts.
+    /// Probe (value-estimation) rollouts.
     pub value_rollouts: u64,
     /// Their tokens.
     pub value_tokens: u64,
@@ -31,16 +42,39 @@ pub struct CollectStats {
     pub reset_tokens: u64,
     /// Sum of root rewards.
     pub root_reward_sum: f64,
+    /// Root samples with reward ≥ 0.5.
+    pub root_correct: u64,
+    /// Prompts not analysed because their root group was not mixed (`value.gate = "mixed"`).
+    pub gated: usize,
     /// Trajectories analysed for a critical step.
     pub analysed: usize,
-    /// Analysed trajectories without a critical step (all values equal).
+    /// Analysed trajectories without a critical step (no change in the rule's direction).
     pub no_critical: usize,
+    /// Analyses stopped by the token budget before they finished.
+    pub cut: usize,
+    /// Probes issued (requests of M continuations at one prefix).
+    pub probes: u64,
     /// Critical-step indices (0-based step of the trajectory).
     pub critical_steps: Vec<usize>,
     /// Critical-step positions relative to the trajectory's step count, in [0, 1).
     pub critical_relative: Vec<f64>,
     /// Value rollouts not drawn because a prefix was settled (adaptive budget).
     pub saved_rollouts: u64,
+    /// Groups of samples that share a prefix (trained or not).
+    pub groups: u64,
+    /// Groups without a learning signal (all advantages zero / no correct-incorrect pair).
+    pub zero_signal_groups: u64,
+    /// Generated tokens in the training batch, by purpose.
+    pub trained_root_tokens: u64,
+    /// See `trained_root_tokens`.
+    pub trained_value_tokens: u64,
+    /// See `trained_root_tokens`.
+    pub trained_reset_tokens: u64,
+    /// Tokens of samples in groups without a signal.
+    pub zero_signal_tokens: u64,
+    /// Tokens the configuration leaves out of training (probes with
+    /// `train.train_on_value_rollouts = false`).
+    pub untrained_tokens: u64,
     /// Wall time of all sampling.
     pub rollout_seconds: f64,
 }
@@ -55,12 +89,17 @@ impl CollectStats {
     pub fn total_rollouts(&self) -> u64 {
         self.root_rollouts + self.value_rollouts + self.reset_rollouts
     }
+
+    /// Generated tokens in the training batch.
+    pub fn trained_tokens(&self) -> u64 {
+        self.trained_root_tokens + self.trained_value_tokens + self.trained_reset_tokens
+    }
 }
 
 /// What an iteration collected for training and export.
 #[derive(Debug, Default)]
 pub struct Collected {
-    /// Online modes: scored completions (roots and resets).
+    /// Online modes: scored completions with explicit advantages (groups with a signal only).
     pub completions: Vec<Completion>,
     /// DPO/SimPO/ORPO pairs.
     pub pairs: Vec<Pair>,
@@ -89,11 +128,6 @@ pub fn mix(parts: &[u64]) -> u64 {
     h
 }
 
-struct Scored {
-    t: Trajectory,
-    reward: f64,
-}
-
 /// Where rollouts come from: the engine, or a scripted policy in tests.
 pub trait Rollouts {
     /// Samples every request (they may share batches); trajectories per request, in order.
@@ -112,6 +146,29 @@ impl Rollouts for Engine {
     }
 }
 
+/// Why a sample was drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A root sample of the prompt.
+    Root,
+    /// A probe (value-estimation) rollout.
+    Probe,
+    /// A continuation at the critical prefix.
+    Reset,
+}
+
+/// A scored sample inside its prompt's tree.
+struct Sample {
+    t: Trajectory,
+    reward: f64,
+    prompt: usize,
+    /// Tree node it was sampled from (its group).
+    node: usize,
+    purpose: Purpose,
+    /// The analysis it belongs to (probes and resets).
+    analysis: Option<usize>,
+}
+
 /// The per-iteration collector.
 pub struct Collector<'a> {
     /// The policy's rollouts (the engine with its current adapter).
@@ -122,22 +179,11 @@ pub struct Collector<'a> {
     pub cfg: &'a RunConfig,
     /// Iteration number (seeds).
     pub iteration: usize,
-}
-
-/// One analysed root trajectory inside its prompt's tree.
-struct Analysis {
-    prompt: usize,
-    root: usize,
-    /// Token offsets b_0 = 0 … b_K = len of the prefixes s_0 … s_K.
-    bounds: Vec<usize>,
-    /// Tree nodes of s_0 … s_K.
-    path: Vec<usize>,
-    /// Continuations drawn per prefix i (value rollouts), for pair search and training.
-    drawn: Vec<Vec<usize>>,
-    values: Vec<f64>,
-    critical: Option<usize>,
-    /// Extra continuations earned by the adaptive budget.
-    bonus: usize,
+    /// Generated tokens this iteration may spend (None: one wave, no limit inside it). A wave
+    /// always samples its roots; a probe or reset is admitted only while the tokens spent plus
+    /// the most its admitted rollouts can cost stay below the budget, so the overspend is at most
+    /// one probe (or one root wave).
+    pub budget: Option<u64>,
 }
 
 fn steps_of(t: &Trajectory) -> Vec<&[i32]> {
@@ -146,6 +192,54 @@ fn steps_of(t: &Trajectory) -> Vec<&[i32]> {
 
 fn ids(v: &[i32]) -> Vec<u32> {
     v.iter().map(|&t| t as u32).collect()
+}
+
+/// The search's view of the collector: requests, timed sampling, scoring, budget.
+struct LoopHost<'c, 'a> {
+    c: &'c Collector<'a>,
+    wave: usize,
+    tasks: &'c [Task],
+    parents: Vec<&'c Trajectory>,
+    /// Prompt index of each analysis.
+    prompts: Vec<usize>,
+    stats: &'c mut CollectStats,
+}
+
+impl ProbeHost for LoopHost<'_, '_> {
+    fn request(&self, analyses: &[Analysis], p: &Probe) -> Result<GenerateRequest> {
+        let c = self.c;
+        let seed = mix(&[
+            c.cfg.seed,
+            c.iteration as u64,
+            self.wave as u64,
+            p.analysis as u64,
+            7,
+            p.prefix as u64,
+            p.round as u64,
+        ]);
+        let mut r = GenerateRequest::continuing(
+            self.parents[p.analysis],
+            analyses[p.analysis].bounds[p.prefix],
+            p.n,
+            c.sampling(seed),
+        )?;
+        r.steps = c.cfg.steps.clone();
+        Ok(r)
+    }
+
+    fn sample(&mut self, reqs: Vec<GenerateRequest>) -> Result<Vec<Vec<Trajectory>>> {
+        self.c.run(reqs, self.stats)
+    }
+
+    fn score(&mut self, analysis: usize, t: &Trajectory) -> Result<f64> {
+        self.stats.value_rollouts += 1;
+        self.stats.value_tokens += t.tokens.len() as u64;
+        Ok(self.c.reward(&self.tasks[self.prompts[analysis]], t))
+    }
+
+    fn admit(&mut self, _probe: &Probe, pending: usize) -> bool {
+        self.c.admits(self.stats, pending)
+    }
 }
 
 impl Collector<'_> {
@@ -160,9 +254,13 @@ impl Collector<'_> {
         }
     }
 
-    fn score(&self, task: &Task, t: Trajectory) -> Scored {
-        let reward = self.verifier.score(&task.prompt, &t.text, &task.answer) as f64;
-        Scored { t, reward }
+    fn reward(&self, task: &Task, t: &Trajectory) -> f64 {
+        self.verifier.score(&task.prompt, &t.text, &task.answer) as f64
+    }
+
+    /// Whether the budget admits more rollouts on top of `pending` admitted in this round.
+    fn admits(&self, st: &CollectStats, pending: usize) -> bool {
+        self.budget.is_none_or(|b| st.total_tokens() + ((pending * self.cfg.rollout.max_tokens) as u64) < b)
     }
 
     /// Submits all requests at once (they share batches) and waits for all.
@@ -173,12 +271,34 @@ impl Collector<'_> {
         Ok(out)
     }
 
+    /// One iteration: waves of `rollout.prompts` tasks (from `next_tasks`) until the budget is
+    /// spent (one wave without a budget). `stop` is asked between waves; true abandons the
+    /// iteration with [`Error::Cancelled`].
+    pub fn iteration(
+        &self,
+        next_tasks: &mut dyn FnMut() -> Vec<Task>,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Collected> {
+        let mut out = Collected::default();
+        let mut wave = 0;
+        loop {
+            let tasks = next_tasks();
+            self.wave(wave, &tasks, &mut out)?;
+            wave += 1;
+            if stop() {
+                return Err(Error::Cancelled);
+            }
+            if self.budget.is_none_or(|b| out.stats.total_tokens() >= b) {
+                return Ok(out);
+            }
+        }
+    }
+
     /// Collects data for `tasks` (one wave) into `out`.
     pub fn wave(&self, wave: usize, tasks: &[Task], out: &mut Collected) -> Result<()> {
         let cfg = self.cfg;
         let g = cfg.rollout.group_size;
-        let st = &mut out.stats;
-        st.prompts += tasks.len();
+        out.stats.prompts += tasks.len();
         let reqs = tasks
             .iter()
             .enumerate()
@@ -192,363 +312,308 @@ impl Collector<'_> {
                 r
             })
             .collect();
-        let roots: Vec<Vec<Scored>> = self
-            .run(reqs, st)?
-            .into_iter()
-            .zip(tasks)
-            .map(|(ts, task)| ts.into_iter().map(|t| self.score(task, t)).collect())
-            .collect();
-        for s in roots.iter().flatten() {
-            st.root_rollouts += 1;
-            st.root_tokens += s.t.tokens.len() as u64;
-            st.root_reward_sum += s.reward;
-        }
-        let group =
-            |p: usize, kind: u64, k: usize| mix(&[self.iteration as u64, wave as u64, p as u64, kind, k as u64]);
-
-        match cfg.mode {
-            Mode::Grpo | Mode::Ppo => {
-                for (p, ss) in roots.iter().enumerate() {
-                    for s in ss {
-                        out.completions.push(completion(s, group(p, 0, 0), None));
-                    }
-                }
+        let mut trees: Vec<Tree> = (0..tasks.len()).map(|_| Tree::new()).collect();
+        let mut samples = Vec::new();
+        for (p, ts) in self.run(reqs, &mut out.stats)?.into_iter().enumerate() {
+            for t in ts {
+                let reward = self.reward(&tasks[p], &t);
+                let st = &mut out.stats;
+                st.root_rollouts += 1;
+                st.root_tokens += t.tokens.len() as u64;
+                st.root_reward_sum += reward;
+                st.root_correct += u64::from(reward >= 0.5);
+                trees[p].insert(Tree::ROOT, &steps_of(&t), reward);
+                samples.push(Sample { t, reward, prompt: p, node: Tree::ROOT, purpose: Purpose::Root, analysis: None });
             }
-            Mode::Dpo | Mode::Simpo | Mode::Orpo | Mode::Kto => {
-                for (p, ss) in roots.iter().enumerate() {
-                    self.offline_data(&tasks[p], ss.iter().collect(), out);
-                }
-            }
-            _ => self.reset_modes(wave, tasks, roots, out)?,
         }
+        let analyses = if cfg.mode.uses_values() || cfg.mode == Mode::RandomReset {
+            self.analyse_and_reset(wave, tasks, &mut trees, &mut samples, out)?
+        } else {
+            Vec::new()
+        };
+        self.emit(wave, tasks, &trees, &analyses, samples, out);
         Ok(())
     }
 
-    /// Preference pairs / labelled samples from candidates that share their context.
-    fn offline_data(&self, task: &Task, cands: Vec<&Scored>, out: &mut Collected) {
-        let text = |t: &[i32]| self.engine.render(t);
-        if self.cfg.mode == Mode::Kto || self.cfg.mode == Mode::GpoKto {
-            for s in &cands {
-                let desirable = s.reward >= 0.5;
-                out.labeled.push(Labeled { prompt: ids(&s.t.context), completion: ids(&s.t.tokens), desirable });
-                out.export_kto.push(serde_json::json!({ "prompt": text(&s.t.context), "completion": s.t.text, "label": desirable, "answer": task.answer }));
-            }
-            return;
-        }
-        let good = cands.iter().find(|s| s.reward >= 0.5);
-        let bad = cands.iter().find(|s| s.reward < 0.5);
-        if let (Some(c), Some(r)) = (good, bad) {
-            out.pairs.push(Pair { prompt: ids(&c.t.context), chosen: ids(&c.t.tokens), rejected: ids(&r.t.tokens) });
-            out.export_pairs.push(serde_json::json!({ "prompt": text(&c.t.context), "chosen": c.t.text, "rejected": r.t.text, "answer": task.answer }));
-        }
-    }
-
-    fn reset_modes(&self, wave: usize, tasks: &[Task], roots: Vec<Vec<Scored>>, out: &mut Collected) -> Result<()> {
+    /// Chooses the trajectories to analyse, searches their critical steps (or draws one, for
+    /// random reset) and samples the resets; probes and resets join `samples`.
+    fn analyse_and_reset(
+        &self,
+        wave: usize,
+        tasks: &[Task],
+        trees: &mut [Tree],
+        samples: &mut Vec<Sample>,
+        out: &mut Collected,
+    ) -> Result<Vec<Analysis>> {
         let cfg = self.cfg;
-        let n_cont = cfg.continuations();
-        // The tree of each prompt holds its root samples: V(s_0) starts from the G samples.
-        let mut trees: Vec<Tree> = roots
-            .iter()
-            .map(|ss| {
-                let mut tr = Tree::new();
-                for s in ss {
-                    tr.insert(Tree::ROOT, &steps_of(&s.t), s.reward);
-                }
-                tr
-            })
-            .collect();
-        // Choose the trajectories to analyse (≥ 2 steps preferred; failed first if asked).
-        let mut analyses: Vec<Analysis> = Vec::new();
-        for (p, ss) in roots.iter().enumerate() {
-            let mut order: Vec<usize> = (0..ss.len()).collect();
-            let key = |i: &usize| mix(&[cfg.seed, self.iteration as u64, wave as u64, p as u64, 2, *i as u64]);
-            order.sort_by_key(|i| (ss[*i].t.steps.len() < 2, cfg.value.prefer_failed && ss[*i].reward >= 0.5, key(i)));
+        let (it, w) = (self.iteration as u64, wave as u64);
+        // Roots by prompt, as sample indices.
+        let mut by_prompt: Vec<Vec<usize>> = vec![Vec::new(); tasks.len()];
+        for (i, s) in samples.iter().enumerate() {
+            by_prompt[s.prompt].push(i);
+        }
+        let mut analyses = Vec::new();
+        let mut parents: Vec<Trajectory> = Vec::new();
+        for (p, roots) in by_prompt.iter().enumerate() {
+            let (lo, hi) = roots.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &i| {
+                (lo.min(samples[i].reward), hi.max(samples[i].reward))
+            });
+            if cfg.mode.uses_values() && cfg.value.gate == Gate::Mixed && hi - lo <= 1e-12 {
+                out.stats.gated += 1;
+                continue;
+            }
+            let mut order: Vec<usize> = roots.iter().copied().filter(|&i| samples[i].t.steps.len() >= 2).collect();
+            let prefer_failed = cfg.value.prefer_failed && cfg.mode != Mode::RandomReset;
+            order.sort_by_key(|&i| {
+                (prefer_failed && samples[i].reward >= 0.5, mix(&[cfg.seed, it, w, p as u64, 2, i as u64]))
+            });
             for &i in order.iter().take(cfg.value.analyse.max(1)) {
-                let t = &ss[i].t;
-                let mut bounds = vec![0];
-                bounds.extend(t.steps.iter().map(|s| s.end));
-                // Re-walk the tree along the trajectory (it is already inserted).
-                let mut path = vec![Tree::ROOT];
-                let mut cur = Tree::ROOT;
-                for step in steps_of(t) {
-                    cur = trees[p].nodes[cur]
-                        .children
-                        .iter()
-                        .copied()
-                        .find(|&c| trees[p].nodes[c].edge == step)
-                        .expect("inserted");
-                    path.push(cur);
-                }
-                let k = bounds.len() - 1;
-                analyses.push(Analysis {
-                    prompt: p,
-                    root: i,
-                    bounds,
-                    path,
-                    drawn: vec![Vec::new(); k],
-                    values: Vec::new(),
-                    critical: None,
-                    bonus: 0,
+                let s = &samples[i];
+                analyses.push(Analysis::new(p, &trees[p], Tree::ROOT, &s.t, s.reward, cfg.value.critical));
+                parents.push(s.t.clone());
+            }
+        }
+        if cfg.mode.uses_values() {
+            let mut host = LoopHost {
+                c: self,
+                wave,
+                tasks,
+                parents: parents.iter().collect(),
+                prompts: analyses.iter().map(|a| a.tree).collect(),
+                stats: &mut out.stats,
+            };
+            let drawn = values::search(&mut host, trees, &mut analyses, &cfg.value.search_config())?;
+            for d in drawn {
+                let a = &analyses[d.analysis];
+                samples.push(Sample {
+                    t: d.traj,
+                    reward: d.reward,
+                    prompt: a.tree,
+                    node: a.path[d.prefix],
+                    purpose: Purpose::Probe,
+                    analysis: Some(d.analysis),
                 });
             }
-        }
-        // Candidates drawn during value estimation, by (analysis, prefix): kept for pairs/training.
-        let mut pool: Vec<Scored> = Vec::new();
-        if cfg.mode.uses_values() {
-            self.estimate_values(wave, tasks, &roots, &mut trees, &mut analyses, &mut pool, &mut out.stats)?;
         } else {
-            // Random reset: the step is drawn uniformly; no values are estimated.
             for (a_idx, a) in analyses.iter_mut().enumerate() {
-                let k = a.bounds.len() - 1;
-                if k > 0 {
-                    a.critical = Some(
-                        (mix(&[cfg.seed, self.iteration as u64, wave as u64, a_idx as u64, 3]) % k as u64) as usize,
-                    );
-                }
+                a.critical = Some((mix(&[cfg.seed, it, w, a_idx as u64, 3]) % a.steps() as u64) as usize);
             }
         }
         let st = &mut out.stats;
         for a in &analyses {
             st.analysed += 1;
+            st.probes += a.probes as u64;
+            st.saved_rollouts += a.saved as u64;
+            st.cut += usize::from(a.cut);
             match a.critical {
                 Some(m) => {
                     st.critical_steps.push(m);
-                    st.critical_relative.push(m as f64 / (a.bounds.len() - 1) as f64);
+                    st.critical_relative.push(m as f64 / a.steps() as f64);
                 }
-                None => st.no_critical += 1,
+                None if !a.cut => st.no_critical += 1,
+                None => {}
             }
         }
-        // Roots join the training batch in their prompt groups (online modes).
-        if !cfg.mode.offline() {
-            for (p, ss) in roots.iter().enumerate() {
-                let v0 = trees[p].nodes[Tree::ROOT].value.mean();
-                for s in ss {
-                    let adv = (cfg.mode == Mode::GpoPpo).then_some(s.reward - v0);
-                    out.completions.push(completion(s, mix(&[self.iteration as u64, wave as u64, p as u64, 0]), adv));
-                }
-            }
-            if cfg.train.train_on_value_rollouts {
-                for (a_idx, a) in analyses.iter().enumerate() {
-                    for (i, drawn) in a.drawn.iter().enumerate() {
-                        let grp = mix(&[self.iteration as u64, wave as u64, a_idx as u64, 4, i as u64]);
-                        for &c in drawn {
-                            out.completions.push(completion(&pool[c], grp, None));
-                        }
-                    }
-                }
-            }
-        }
-        // Reset at the critical prefix: N continuations (plus adaptive savings).
-        let mut reqs = Vec::new();
-        let mut owners = Vec::new();
-        for (a_idx, a) in analyses.iter().enumerate() {
-            let Some(m) = a.critical else { continue };
-            let parent = &roots[a.prompt][a.root].t;
-            let n = if cfg.mode.offline() { n_cont.min(cfg.reset.max_tries) } else { n_cont + a.bonus };
-            let seed = mix(&[cfg.seed, self.iteration as u64, wave as u64, a_idx as u64, 5]);
-            let mut r = GenerateRequest::continuing(parent, a.bounds[m], n, self.sampling(seed))?;
-            r.steps = cfg.steps.clone();
-            reqs.push(r);
-            owners.push(a_idx);
-        }
-        let resets = self.run(reqs, &mut out.stats)?;
-        let mut per_analysis: Vec<Vec<Scored>> = (0..analyses.len()).map(|_| Vec::new()).collect();
-        for (a_idx, ts) in owners.into_iter().zip(resets) {
-            let a = &analyses[a_idx];
-            let task = &tasks[a.prompt];
-            for t in ts {
-                out.stats.reset_rollouts += 1;
-                out.stats.reset_tokens += t.tokens.len() as u64;
-                per_analysis[a_idx].push(self.score(task, t));
-            }
-        }
-        // Offline modes: keep drawing at the prefix until a correct and an incorrect exist.
-        if cfg.mode.offline() {
-            self.search_pairs(wave, tasks, &roots, &analyses, &pool, &mut per_analysis, out)?;
-            return Ok(());
-        }
-        for (a_idx, a) in analyses.iter().enumerate() {
-            let Some(m) = a.critical else { continue };
-            let v_m = a.values.get(m).copied().unwrap_or(f64::NAN);
-            let grp = mix(&[self.iteration as u64, wave as u64, a_idx as u64, 6]);
-            for s in &per_analysis[a_idx] {
-                let adv = (cfg.mode == Mode::GpoPpo).then_some(s.reward - v_m);
-                out.completions.push(completion(s, grp, adv));
-                out.export_resets.push(serde_json::json!({
-                    "prompt": self.engine.render(&s.t.context),
-                    "completion": s.t.text,
-                    "reward": s.reward,
-                    "critical_step": m,
-                    "steps": a.bounds.len() - 1,
-                    "values": a.values,
-                    "answer": tasks[a.prompt].answer,
-                }));
-            }
-        }
-        Ok(())
+        self.resets(wave, tasks, &analyses, &parents, trees, samples, out)?;
+        Ok(analyses)
     }
 
-    /// Monte-Carlo values of s_0 … s_{K−1} of every analysis (V(s_K) = r), in rounds; then the
-    /// critical step. Continuations feed every existing prefix they pass through.
+    /// Continuations at every critical prefix: N (plus the adaptive savings) online; offline,
+    /// rounds of N until the prefix's group holds a correct and an incorrect sample (at most
+    /// `reset.max_tries` there, the probes included).
     #[allow(clippy::too_many_arguments)]
-    fn estimate_values(
+    fn resets(
         &self,
         wave: usize,
         tasks: &[Task],
-        roots: &[Vec<Scored>],
-        trees: &mut [Tree],
-        analyses: &mut [Analysis],
-        pool: &mut Vec<Scored>,
-        st: &mut CollectStats,
-    ) -> Result<()> {
-        let v = &self.cfg.value;
-        let m_full = v.rollouts;
-        let settled = |tr: &Tree, node: usize, target: usize| {
-            let s = tr.nodes[node].value;
-            (s.count as usize) >= target
-                || (v.adaptive
-                    && s.count as usize >= v.adaptive_min
-                    && (s.unanimous() || s.half_width() < v.adaptive_tol))
-        };
-        let mut round = 0;
-        loop {
-            // Target samples per prefix this round.
-            let target = if v.adaptive { (v.adaptive_min + round).min(m_full) } else { m_full };
-            let mut reqs = Vec::new();
-            let mut owners = Vec::new();
-            for (a_idx, a) in analyses.iter().enumerate() {
-                let tr = &trees[a.prompt];
-                for i in 0..a.bounds.len() - 1 {
-                    let node = a.path[i];
-                    if settled(tr, node, target) || (tr.nodes[node].value.count as usize) >= m_full {
-                        continue;
-                    }
-                    let need = target.saturating_sub(tr.nodes[node].value.count as usize).max(1);
-                    let parent = &roots[a.prompt][a.root].t;
-                    let seed = mix(&[
-                        self.cfg.seed,
-                        self.iteration as u64,
-                        wave as u64,
-                        a_idx as u64,
-                        7,
-                        i as u64,
-                        round as u64,
-                    ]);
-                    let mut r = GenerateRequest::continuing(parent, a.bounds[i], need, self.sampling(seed))?;
-                    r.steps = self.cfg.steps.clone();
-                    reqs.push(r);
-                    owners.push((a_idx, i));
-                }
-            }
-            if reqs.is_empty() {
-                break;
-            }
-            let got = self.run(reqs, st)?;
-            for ((a_idx, i), ts) in owners.into_iter().zip(got) {
-                let a = &mut analyses[a_idx];
-                let task = &tasks[a.prompt];
-                for t in ts {
-                    st.value_rollouts += 1;
-                    st.value_tokens += t.tokens.len() as u64;
-                    let s = self.score(task, t);
-                    trees[a.prompt].insert(a.path[i], &steps_of(&s.t), s.reward);
-                    a.drawn[i].push(pool.len());
-                    pool.push(s);
-                }
-            }
-            round += 1;
-            if !v.adaptive || v.adaptive_min + round > m_full + 1 {
-                break;
-            }
-        }
-        for a in analyses.iter_mut() {
-            let tr = &trees[a.prompt];
-            let k = a.bounds.len() - 1;
-            let mut values: Vec<f64> = (0..k).map(|i| tr.nodes[a.path[i]].value.mean()).collect();
-            values.push(roots[a.prompt][a.root].reward);
-            if v.adaptive {
-                let saved: usize =
-                    (0..k).map(|i| m_full.saturating_sub(tr.nodes[a.path[i]].value.count as usize)).sum();
-                st.saved_rollouts += saved as u64;
-                if self.cfg.reset.reinvest_savings {
-                    a.bonus = saved;
-                }
-            }
-            a.critical = critical_step(&values, v.critical);
-            a.values = values;
-        }
-        Ok(())
-    }
-
-    /// Offline GPO: at each critical prefix, draw more continuations (in rounds of N, bounded by
-    /// `max_tries` including the value rollouts drawn there) until one correct and one incorrect
-    /// exist; then build the pair or labelled samples.
-    #[allow(clippy::too_many_arguments)]
-    fn search_pairs(
-        &self,
-        wave: usize,
-        tasks: &[Task],
-        roots: &[Vec<Scored>],
         analyses: &[Analysis],
-        pool: &[Scored],
-        found: &mut [Vec<Scored>],
+        parents: &[Trajectory],
+        trees: &mut [Tree],
+        samples: &mut Vec<Sample>,
         out: &mut Collected,
     ) -> Result<()> {
-        let n = self.cfg.continuations();
-        let mut round = 0u64;
-        loop {
+        let cfg = self.cfg;
+        let n = cfg.continuations();
+        let offline = cfg.mode.offline();
+        for round in 0u64.. {
             let mut reqs = Vec::new();
             let mut owners = Vec::new();
+            let mut pending = 0;
             for (a_idx, a) in analyses.iter().enumerate() {
                 let Some(m) = a.critical else { continue };
-                let drawn_here = a.drawn.get(m).map_or(0, Vec::len);
-                let tries = found[a_idx].len() + drawn_here;
-                let all: Vec<f64> = found[a_idx]
-                    .iter()
-                    .map(|s| s.reward)
-                    .chain(a.drawn.get(m).into_iter().flatten().map(|&c| pool[c].reward))
-                    .collect();
-                let done = all.iter().any(|&r| r >= 0.5) && all.iter().any(|&r| r < 0.5);
-                if done || tries >= self.cfg.reset.max_tries {
+                let k = if offline {
+                    let here: Vec<f64> = samples
+                        .iter()
+                        .filter(|s| s.analysis == Some(a_idx) && s.node == a.path[m])
+                        .map(|s| s.reward)
+                        .collect();
+                    let done = here.iter().any(|&r| r >= 0.5) && here.iter().any(|&r| r < 0.5);
+                    if done || here.len() >= cfg.reset.max_tries {
+                        continue;
+                    }
+                    n.min(cfg.reset.max_tries - here.len())
+                } else if round == 0 {
+                    n + if cfg.reset.reinvest_savings { a.saved } else { 0 }
+                } else {
+                    continue;
+                };
+                if !self.admits(&out.stats, pending) {
                     continue;
                 }
-                let k = n.min(self.cfg.reset.max_tries - tries);
-                let seed = mix(&[self.cfg.seed, self.iteration as u64, wave as u64, a_idx as u64, 8, round]);
-                let mut r =
-                    GenerateRequest::continuing(&roots[a.prompt][a.root].t, a.bounds[m], k, self.sampling(seed))?;
-                r.steps = self.cfg.steps.clone();
+                pending += k;
+                let seed = mix(&[cfg.seed, self.iteration as u64, wave as u64, a_idx as u64, 5, round]);
+                let mut r = GenerateRequest::continuing(&parents[a_idx], a.bounds[m], k, self.sampling(seed))?;
+                r.steps = cfg.steps.clone();
                 reqs.push(r);
                 owners.push(a_idx);
             }
             if reqs.is_empty() {
-                break;
+                return Ok(());
             }
             for (a_idx, ts) in owners.into_iter().zip(self.run(reqs, &mut out.stats)?) {
+                let a = &analyses[a_idx];
+                let m = a.critical.expect("reset only at a critical step");
                 for t in ts {
+                    let reward = self.reward(&tasks[a.tree], &t);
                     out.stats.reset_rollouts += 1;
                     out.stats.reset_tokens += t.tokens.len() as u64;
-                    found[a_idx].push(self.score(&tasks[analyses[a_idx].prompt], t));
+                    trees[a.tree].insert(a.path[m], &steps_of(&t), reward);
+                    samples.push(Sample {
+                        t,
+                        reward,
+                        prompt: a.tree,
+                        node: a.path[m],
+                        purpose: Purpose::Reset,
+                        analysis: Some(a_idx),
+                    });
                 }
             }
-            round += 1;
-        }
-        for (a_idx, a) in analyses.iter().enumerate() {
-            let Some(m) = a.critical else { continue };
-            let cands: Vec<&Scored> =
-                a.drawn.get(m).into_iter().flatten().map(|&c| &pool[c]).chain(found[a_idx].iter()).collect();
-            self.offline_data(&tasks[a.prompt], cands, out);
         }
         Ok(())
     }
-}
 
-fn completion(s: &Scored, group: u64, advantage: Option<f64>) -> Completion {
-    Completion {
-        prompt: ids(&s.t.context),
-        completion: ids(&s.t.tokens),
-        behaviour_logprobs: Some(s.t.logprobs.clone()),
-        reward: s.reward,
-        advantage,
-        group,
+    /// Turns the wave's samples into training data, group by group, and counts where every
+    /// token went.
+    fn emit(
+        &self,
+        wave: usize,
+        tasks: &[Task],
+        trees: &[Tree],
+        analyses: &[Analysis],
+        samples: Vec<Sample>,
+        out: &mut Collected,
+    ) {
+        let cfg = self.cfg;
+        let text = |t: &[i32]| self.engine.render(t);
+        for s in samples.iter().filter(|s| s.purpose == Purpose::Reset) {
+            let a = &analyses[s.analysis.expect("resets belong to an analysis")];
+            out.export_resets.push(serde_json::json!({
+                "prompt": text(&s.t.context),
+                "completion": s.t.text,
+                "reward": s.reward,
+                "critical_step": a.critical,
+                "steps": a.steps(),
+                "values": a.values,
+                "answer": tasks[s.prompt].answer,
+            }));
+        }
+        // Groups: samples drawn from the same prefix of the same prompt.
+        let mut groups: BTreeMap<(usize, usize), Vec<&Sample>> = BTreeMap::new();
+        // Without tree-wide training, probes stay out of the batch, except (offline) those at the
+        // critical prefix, which the pair search there drew from.
+        let at_critical = |s: &Sample| {
+            s.analysis.is_some_and(|a| analyses[a].critical.is_some_and(|m| analyses[a].path[m] == s.node))
+        };
+        for s in &samples {
+            if s.purpose == Purpose::Probe
+                && !cfg.train.train_on_value_rollouts
+                && !(cfg.mode.offline() && at_critical(s))
+            {
+                out.stats.untrained_tokens += s.t.tokens.len() as u64;
+                continue;
+            }
+            groups.entry((s.prompt, s.node)).or_default().push(s);
+        }
+        let st = &mut out.stats;
+        let count = |st: &mut CollectStats, s: &Sample, trained: bool| {
+            let n = s.t.tokens.len() as u64;
+            if !trained {
+                st.zero_signal_tokens += n;
+                return;
+            }
+            match s.purpose {
+                Purpose::Root => st.trained_root_tokens += n,
+                Purpose::Probe => st.trained_value_tokens += n,
+                Purpose::Reset => st.trained_reset_tokens += n,
+            }
+        };
+        for ((p, node), members) in groups {
+            st.groups += 1;
+            let group_id = mix(&[self.iteration as u64, wave as u64, p as u64, node as u64]);
+            if matches!(cfg.mode, Mode::Kto | Mode::GpoKto) {
+                for s in &members {
+                    let desirable = s.reward >= 0.5;
+                    out.labeled.push(Labeled { prompt: ids(&s.t.context), completion: ids(&s.t.tokens), desirable });
+                    out.export_kto.push(serde_json::json!({ "prompt": text(&s.t.context), "completion": s.t.text, "label": desirable, "answer": tasks[p].answer }));
+                    count(st, s, true);
+                }
+            } else if cfg.mode.offline() {
+                let good: Vec<&&Sample> = members.iter().filter(|s| s.reward >= 0.5).collect();
+                let bad: Vec<&&Sample> = members.iter().filter(|s| s.reward < 0.5).collect();
+                let paired = !good.is_empty() && !bad.is_empty();
+                st.zero_signal_groups += u64::from(!paired);
+                for s in &members {
+                    count(st, s, paired);
+                }
+                for c in &good {
+                    for r in &bad {
+                        out.pairs.push(Pair {
+                            prompt: ids(&c.t.context),
+                            chosen: ids(&c.t.tokens),
+                            rejected: ids(&r.t.tokens),
+                        });
+                        out.export_pairs.push(serde_json::json!({ "prompt": text(&c.t.context), "chosen": c.t.text, "rejected": r.t.text, "answer": tasks[p].answer }));
+                    }
+                }
+            } else {
+                let adv = self.advantages(&trees[p], node, &members);
+                let signal = adv.iter().any(|a| a.abs() > 1e-12);
+                st.zero_signal_groups += u64::from(!signal);
+                for (s, a) in members.iter().zip(adv) {
+                    count(st, s, signal);
+                    if signal {
+                        out.completions.push(Completion {
+                            prompt: ids(&s.t.context),
+                            completion: ids(&s.t.tokens),
+                            behaviour_logprobs: Some(s.t.logprobs.clone()),
+                            reward: s.reward,
+                            advantage: Some(a),
+                            group: group_id,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Advantages of one group sampled from `node`: GRPO normalises rewards within the group,
+    /// PPO takes r − V(node); the root term adds w·(r − V(root)).
+    fn advantages(&self, tree: &Tree, node: usize, members: &[&Sample]) -> Vec<f64> {
+        let rewards: Vec<f64> = members.iter().map(|s| s.reward).collect();
+        let mut adv = match self.cfg.mode {
+            Mode::GpoPpo | Mode::Ppo => {
+                let v = tree.nodes[node].value.mean();
+                rewards.iter().map(|r| r - v).collect()
+            }
+            _ => crate::train::loss::group_advantages(&rewards, &vec![0; rewards.len()], 1e-4),
+        };
+        let w = self.cfg.train.root_term;
+        if w > 0.0 {
+            let v_root = tree.nodes[Tree::ROOT].value.mean();
+            for (a, r) in adv.iter_mut().zip(&rewards) {
+                *a += w * (r - v_root);
+            }
+        }
+        adv
     }
 }

@@ -1,6 +1,7 @@
 //! The run configuration of `gpo train --config run.toml`. Every choice the paper leaves open is
 //! a named option with a stated default.
 
+use super::values::{Search, SearchConfig};
 use crate::engine::{KvMode, StepConfig};
 use crate::reward::VerifierConfig;
 use crate::task::arith::ArithConfig;
@@ -143,19 +144,37 @@ impl Default for RolloutSection {
     }
 }
 
-/// Monte-Carlo step values.
+/// Which prompts get a critical-step analysis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gate {
+    /// Only prompts whose root group is mixed (0 < p̂ < 1): elsewhere no step can matter to a
+    /// group-relative learner, and the budget goes back to root samples. Default.
+    #[default]
+    Mixed,
+    /// Every prompt (the paper).
+    Any,
+}
+
+/// Monte-Carlo step values and the critical-step search.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ValueSection {
-    /// Rollouts per prefix M (paper default 4).
+    /// Rollouts per probed prefix M (paper default 4).
     pub rollouts: usize,
-    /// Critical-step rule: abs (default), drop, gain.
+    /// How the critical step is found: `bisect` (default; ⌈log₂ K⌉ probes) or `dense` (every
+    /// prefix, the paper).
+    pub search: Search,
+    /// Critical-step rule: `auto` (default: drop for failed trajectories, gain for correct ones),
+    /// `abs`, `drop`, `gain`.
     pub critical: CriticalMode,
-    /// Root trajectories analysed per prompt (default 1, drawn uniformly among those with ≥ 2 steps).
+    /// Which prompts are analysed: `mixed` root groups only (default) or `any`.
+    pub gate: Gate,
+    /// Root trajectories analysed per prompt (default 1; those with ≥ 2 steps).
     pub analyse: usize,
-    /// Prefer failed trajectories for analysis (natural with `drop`). Default false.
+    /// Prefer failed trajectories for analysis. Default true.
     pub prefer_failed: bool,
-    /// Adaptive budget: stop sampling a prefix once its value is settled. Default false.
+    /// Dense search: stop sampling a prefix once its value is settled. Default false.
     pub adaptive: bool,
     /// Adaptive: samples before a prefix may be declared settled. Default 2.
     pub adaptive_min: usize,
@@ -168,12 +187,27 @@ impl Default for ValueSection {
     fn default() -> Self {
         ValueSection {
             rollouts: 4,
-            critical: CriticalMode::Abs,
+            search: Search::Bisect,
+            critical: CriticalMode::Auto,
+            gate: Gate::Mixed,
             analyse: 1,
-            prefer_failed: false,
+            prefer_failed: true,
             adaptive: false,
             adaptive_min: 2,
             adaptive_tol: 0.0,
+        }
+    }
+}
+
+impl ValueSection {
+    /// The search settings.
+    pub fn search_config(&self) -> SearchConfig {
+        SearchConfig {
+            search: self.search,
+            rollouts: self.rollouts,
+            adaptive: self.adaptive,
+            adaptive_min: self.adaptive_min,
+            adaptive_tol: self.adaptive_tol,
         }
     }
 }
@@ -253,9 +287,13 @@ pub struct TrainSection {
     pub micro_batch: usize,
     /// Optimiser steps per iteration's batch.
     pub epochs: usize,
-    /// Train on the value-estimation rollouts too (they are valid samples). Default false: GPO
-    /// changes which data is trained on, not how much.
+    /// Train on every rollout of the tree: probe (value) rollouts join the group of the prefix
+    /// they were sampled from, with the resets there. Default true; false is the paper's recipe
+    /// (roots and resets only).
     pub train_on_value_rollouts: bool,
+    /// Weight of TreeRL's root term: each online sample's advantage gains w·(r − V(root)), so
+    /// samples from a prefix are also compared with the prompt as a whole. Default 0 (off).
+    pub root_term: f64,
     /// Truncated importance sampling cap against the rollout log-probs (None = off).
     pub tis_cap: Option<f64>,
     /// Recompute activations block by block in the backward pass (bounded memory for long
@@ -283,7 +321,8 @@ impl Default for TrainSection {
             orpo_lambda: 0.1,
             micro_batch: 4,
             epochs: 1,
-            train_on_value_rollouts: false,
+            train_on_value_rollouts: true,
+            root_term: 0.0,
             tis_cap: None,
             recompute: true,
             device: "cpu".into(),
@@ -400,6 +439,12 @@ impl RunConfig {
         }
         if self.mode.uses_values() && self.value.rollouts == 0 {
             return bad("value.rollouts", "must be at least 1");
+        }
+        if self.value.adaptive && self.value.search != Search::Dense {
+            return bad("value.adaptive", "settles prefixes of the dense search: set value.search = \"dense\"");
+        }
+        if !(self.train.root_term.is_finite() && self.train.root_term >= 0.0) {
+            return bad("train.root_term", "must be a finite weight ≥ 0");
         }
         if self.value.adaptive && (self.value.adaptive_min == 0 || self.value.adaptive_min > self.value.rollouts) {
             return bad("value.adaptive_min", "must be in 1..=value.rollouts");

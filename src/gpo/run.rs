@@ -2,16 +2,15 @@
 //! metrics row, per-iteration exports and a checkpoint each time; `kill -9` at any moment and
 //! the same command resumes from the last completed iteration.
 
-use super::collect::{CollectStats, Collected, Collector};
+use super::collect::{CollectStats, Collector};
 use super::config::{Mode, RunConfig};
 use crate::engine::{Engine, EngineConfig};
 use crate::eval::{evaluate, EvalConfig};
 use crate::reward::Verifier;
 use crate::task::{self, Task};
-use crate::train::{checkpoint, Batch, Completion, LoraConfig, OptimConfig, Trainer, TrainerConfig};
+use crate::train::{checkpoint, Batch, LoraConfig, OptimConfig, Trainer, TrainerConfig};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -32,8 +31,14 @@ pub struct MetricsRow {
     pub collect: CollectStats,
     /// Critical-step histogram: count per step index.
     pub critical_histogram: Vec<usize>,
-    /// Value-estimation cost as a fraction of all generated tokens.
+    /// Value-estimation (probe) tokens as a fraction of all generated tokens.
     pub value_cost: f64,
+    /// Probes per analysed trajectory (None when nothing was analysed).
+    #[serde(default)]
+    pub probes_per_analysis: Option<f64>,
+    /// Trained tokens over generated tokens outside groups without a signal.
+    #[serde(default)]
+    pub trained_fraction: f64,
     /// Sequences trained on.
     pub train_sequences: usize,
     /// Training loss (None when the step was skipped).
@@ -179,21 +184,6 @@ fn roll_back(dir: &RunDir, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Drops completions of groups whose rewards are all equal: their group-normalised advantage
-/// is zero, so they carry no learning signal (PPO with explicit advantages keeps everything).
-fn with_signal(items: Vec<Completion>, mode: Mode) -> Vec<Completion> {
-    if mode == Mode::GpoPpo {
-        return items.into_iter().filter(|c| c.advantage.is_none_or(|a| a.abs() > 1e-12)).collect();
-    }
-    let mut groups: HashMap<u64, (f64, f64)> = HashMap::new();
-    for c in &items {
-        let e = groups.entry(c.group).or_insert((f64::INFINITY, f64::NEG_INFINITY));
-        e.0 = e.0.min(c.reward);
-        e.1 = e.1.max(c.reward);
-    }
-    items.into_iter().filter(|c| groups[&c.group].1 - groups[&c.group].0 > 1e-12).collect()
-}
-
 /// Runs (or resumes) a GPO run. Returns the metrics of every iteration.
 pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRow>> {
     cfg.validate()?;
@@ -286,27 +276,20 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
         // an uninterrupted one did (earlier prefixes are of other prompts, rarely worth keeping).
         engine.clear_cache()?;
         progress.phase(it, "sampling");
-        let collector = Collector { engine: &engine, verifier: &verifier, cfg, iteration: it };
-        let mut data = Collected::default();
-        // Waves until this iteration's budget is spent; the over- or under-spend carries to the
-        // next iteration, so cumulative budgets of different modes match to within one wave.
-        let budget = cfg.rollout.budget_tokens as i64 + carry;
-        let mut wave = 0;
-        loop {
+        // The budget of this iteration: the configured one plus the previous iterations' under- or
+        // overspend, so cumulative budgets of different modes match to within one probe or wave.
+        let target = cfg.rollout.budget_tokens as i64 + carry;
+        let budget = (cfg.rollout.budget_tokens > 0).then_some(target.max(0) as u64);
+        let collector = Collector { engine: &engine, verifier: &verifier, cfg, iteration: it, budget };
+        let mut next_tasks = || {
             let tasks: Vec<Task> =
                 (0..cfg.rollout.prompts).map(|k| train_tasks[(cursor + k) % train_tasks.len()].clone()).collect();
             cursor += tasks.len();
-            collector.wave(wave, &tasks, &mut data)?;
-            wave += 1;
-            if progress.should_stop(false) {
-                return Err(Error::Cancelled);
-            }
-            if cfg.rollout.budget_tokens == 0 || data.stats.total_tokens() as i64 >= budget {
-                break;
-            }
-        }
-        if cfg.rollout.budget_tokens > 0 {
-            carry = budget - data.stats.total_tokens() as i64;
+            tasks
+        };
+        let mut data = collector.iteration(&mut next_tasks, &mut || progress.should_stop(false))?;
+        if budget.is_some() {
+            carry = target - data.stats.total_tokens() as i64;
         }
         progress.phase(it, "training");
         let batch = match cfg.mode {
@@ -314,7 +297,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
                 Batch::Labeled(std::mem::take(&mut data.labeled))
             }
             m if m.offline() => Batch::Pairs(std::mem::take(&mut data.pairs)),
-            m => Batch::Completions(with_signal(std::mem::take(&mut data.completions), m)),
+            _ => Batch::Completions(std::mem::take(&mut data.completions)),
         };
         let mut row = MetricsRow { iteration: it, mode: cfg.mode.name(), ..Default::default() };
         let t_train = Instant::now();
@@ -346,7 +329,10 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
         }
         let st = &data.stats;
         row.reward_mean = st.root_reward_sum / st.root_rollouts.max(1) as f64;
-        row.accuracy = row.reward_mean;
+        row.accuracy = st.root_correct as f64 / st.root_rollouts.max(1) as f64;
+        row.probes_per_analysis = (st.analysed > 0).then(|| st.probes as f64 / st.analysed as f64);
+        let with_signal = st.total_tokens() - st.zero_signal_tokens;
+        row.trained_fraction = st.trained_tokens() as f64 / with_signal.max(1) as f64;
         let max_step = st.critical_steps.iter().copied().max().map_or(0, |m| m + 1);
         row.critical_histogram = (0..max_step).map(|i| st.critical_steps.iter().filter(|&&s| s == i).count()).collect();
         row.value_cost = st.value_tokens as f64 / st.total_tokens().max(1) as f64;

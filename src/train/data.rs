@@ -18,7 +18,8 @@ pub struct Completion {
     /// Reward in [0, 1] (or any scale for PPO).
     #[serde(default)]
     pub reward: f64,
-    /// Advantage for PPO (e.g. reward − V(s)); None = reward minus the group's mean reward.
+    /// Explicit advantage (e.g. reward − V(s)); None = derived from the group (GRPO: reward
+    /// normalised within the group; PPO: reward minus the group's mean reward).
     #[serde(default)]
     pub advantage: Option<f64>,
     /// Group id: GRPO normalises rewards within a group (same prompt or same reset prefix).

@@ -346,8 +346,13 @@ impl Trainer {
             _ => unreachable!("validated"),
         };
         let groups: Vec<u64> = items.iter().map(|c| c.group).collect();
+        // Explicit advantages (the GPO loop computes them per tree node) win over the group's.
         let advantages: Vec<f64> = match obj {
-            Objective::Grpo { .. } => loss::group_advantages(&rewards, &groups, 1e-4),
+            Objective::Grpo { .. } => loss::group_advantages(&rewards, &groups, 1e-4)
+                .into_iter()
+                .zip(items)
+                .map(|(a, c)| c.advantage.unwrap_or(a))
+                .collect(),
             _ => items
                 .iter()
                 .map(|c| {

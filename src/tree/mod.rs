@@ -177,6 +177,9 @@ pub enum CriticalMode {
     Drop,
     /// Largest A_i: the step that gained the most.
     Gain,
+    /// `drop` for a failed trajectory (reward < 0.5), `gain` for a correct one (resolved per
+    /// trajectory by the loop; [`critical_step`] alone reads it as `abs`).
+    Auto,
 }
 
 /// Advantages `A_i = V(s_{i+1}) − V(s_i)` along a path of values.
@@ -192,7 +195,7 @@ pub fn critical_step(values: &[f64], mode: CriticalMode) -> Option<usize> {
     }
     let adv = advantages(values);
     let key = |a: f64| match mode {
-        CriticalMode::Abs => a.abs(),
+        CriticalMode::Abs | CriticalMode::Auto => a.abs(),
         CriticalMode::Drop => -a,
         CriticalMode::Gain => a,
     };
