@@ -94,6 +94,20 @@ enum Cmd {
         #[arg(long, default_value = "plot.svg")]
         out: PathBuf,
     },
+    /// The experiment report: per setting under --dir (<setting>/<arm>/seed-<n>/), a table of
+    /// held-out accuracy (mean ± 95% interval over seeds) and token use, and a plot with a band
+    /// per arm; the tables replace the README's `<!-- report:<setting> -->` sections.
+    Report {
+        /// Directory of finished runs.
+        #[arg(long, default_value = "docs/experiment")]
+        dir: PathBuf,
+        /// README to update in place (without it the tables are printed).
+        #[arg(long)]
+        readme: Option<PathBuf>,
+        /// Where the plots go (experiment-<setting>.svg).
+        #[arg(long, default_value = "docs")]
+        plots: PathBuf,
+    },
     /// Merge a run's critical-step pairs and reset rollouts into TRL-shaped JSONL files.
     Export {
         /// Run directory.
@@ -546,6 +560,11 @@ fn run(cli: Cli) -> Result<()> {
             let refs: Vec<&std::path::Path> = runs.iter().map(|p| p.as_path()).collect();
             gpo::gpo::plot::plot(&refs, &out)?;
             println!("plot written to {}", out.display());
+        }
+        Cmd::Report { dir, readme, plots } => {
+            for s in gpo::gpo::report::report(&dir, readme.as_deref(), &plots)? {
+                eprintln!("report: {s} → {}", plots.join(format!("experiment-{s}.svg")).display());
+            }
         }
         Cmd::Export { run, out } => {
             for (kind, path, rows) in gpo::gpo::export::merge(&run, &out)? {

@@ -7,6 +7,7 @@ pub mod collect;
 pub mod config;
 pub mod export;
 pub mod plot;
+pub mod report;
 pub mod run;
 pub mod values;
 

@@ -32,7 +32,7 @@ fn load(dir: &Path) -> Result<Series> {
 
 fn panel(svg: &mut String, x0: f64, title: &str, series: &[(&str, &[(f64, f64)])], x_max: f64) {
     let (w, h, left, top) = (420.0, 260.0, x0 + 50.0, 40.0);
-    let _ = write!(svg, r#"<text x="{}" y="24" font-size="14" font-weight="bold">{title}</text>"#, left);
+    let _ = write!(svg, r#"<text x="{}" y="24" font-size="14" font-weight="bold">{}</text>"#, left, super::report::escape(title));
     let _ = write!(svg, r##"<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>"##);
     for k in 0..=4 {
         let y = top + h - h * k as f64 / 4.0;
@@ -78,24 +78,26 @@ fn panel(svg: &mut String, x0: f64, title: &str, series: &[(&str, &[(f64, f64)])
 pub fn plot(runs: &[&Path], out: &Path) -> Result<()> {
     let series: Vec<Series> = runs.iter().map(|d| load(d)).collect::<Result<_>>()?;
     let x_max = series.iter().flat_map(|s| s.reward.iter().chain(&s.acc)).map(|p| p.0).fold(1.0, f64::max);
-    let mut svg = String::from(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="980" height="380" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>"#,
+    let height = 362.0 + 18.0 * series.len().div_ceil(3) as f64;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="980" height="{height}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>"#,
     );
     let acc: Vec<(&str, &[(f64, f64)])> = series.iter().map(|s| (s.label.as_str(), s.acc.as_slice())).collect();
     let rew: Vec<(&str, &[(f64, f64)])> = series.iter().map(|s| (s.label.as_str(), s.reward.as_slice())).collect();
     panel(&mut svg, 0.0, "held-out greedy accuracy", &acc, x_max);
     panel(&mut svg, 490.0, "mean reward of root samples", &rew, x_max);
+    // Legend: three entries a row, inside the canvas however many runs there are.
     for (i, s) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
-        let y = 350.0 + 0.0 * i as f64;
-        let x = 60.0 + 300.0 * i as f64;
+        let y = 350.0 + 18.0 * (i / 3) as f64;
+        let x = 60.0 + 300.0 * (i % 3) as f64;
         let _ = write!(
             svg,
             r#"<rect x="{x}" y="{}" width="12" height="12" fill="{c}"/><text x="{}" y="{}" font-size="12">{}</text>"#,
             y - 10.0,
             x + 16.0,
             y,
-            s.label
+            super::report::escape(&s.label)
         );
     }
     svg.push_str("</svg>\n");

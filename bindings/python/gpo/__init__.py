@@ -238,7 +238,7 @@ class Engine(_Handle):
 
         vp = lib.gpo_value_default_params()
         vp.rollouts = rollouts
-        vp.critical_mode = {"abs": 0, "drop": 1, "gain": 2}[critical]
+        vp.critical_mode = {"abs": 0, "drop": 1, "gain": 2, "auto": 3}[critical]
         vp.sampling = _sampling(**sampling)
         out = P()
         status = lib.gpo_step_values(self._p, trajectories._p, index, C.byref(vp), REWARD_FN(cb), None, C.byref(out))

@@ -1,0 +1,397 @@
+//! The experiment report: for each setting under a directory laid out as
+//! `<setting>/<arm>/seed-<n>/{metrics.jsonl, eval-initial.json}`, a Markdown table of held-out
+//! accuracy (mean ± 95% t-interval over seeds) at the iterations every run evaluated, with where
+//! each arm's tokens went, and an SVG with a mean line and a band per arm. `gpo report` splices
+//! the tables into the README between `<!-- report:<setting> -->` markers, so every number there
+//! is regenerated from committed metrics.
+
+use super::run::{read_metrics, InitialEval, MetricsRow};
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+/// One finished run of an arm.
+#[derive(Debug, Clone)]
+pub struct SeedRun {
+    /// Seed.
+    pub seed: u64,
+    /// Held-out accuracy by iterations completed (0 = before training).
+    pub heldout: BTreeMap<usize, f64>,
+    /// The metrics rows.
+    pub rows: Vec<MetricsRow>,
+}
+
+/// The runs of one arm.
+#[derive(Debug, Clone)]
+pub struct Arm {
+    /// Arm name (its directory).
+    pub name: String,
+    /// Its seeds.
+    pub runs: Vec<SeedRun>,
+}
+
+/// Mean and 95% half-width (Student t over the values; NaN half-width for one value).
+pub fn mean_ci(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    if n == 1 {
+        return (mean, f64::NAN);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    // t quantiles (0.975) for 1 … 10 degrees of freedom; the normal one beyond.
+    const T: [f64; 10] = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228];
+    let t = T.get(n - 2).copied().unwrap_or(1.96);
+    (mean, t * (var / n as f64).sqrt())
+}
+
+fn dirs(p: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+        .map_err(|e| Error::io(p, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn name(p: &Path) -> String {
+    p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Order of arms in tables and plots: gpo first, then the rest by name.
+fn arm_order(n: &str) -> (u8, String) {
+    let rank = match n {
+        "gpo" => 0,
+        "gpo-paper" => 1,
+        "grpo" => 2,
+        "random-reset" => 3,
+        _ => 4,
+    };
+    (rank, n.to_string())
+}
+
+/// Reads every setting (directory) under `dir`: settings → arms → seeds. Runs that have not
+/// finished (fewer metrics rows than their config's iterations) are left out.
+pub fn load(dir: &Path) -> Result<BTreeMap<String, Vec<Arm>>> {
+    let mut out = BTreeMap::new();
+    for setting in dirs(dir)? {
+        let mut arms = Vec::new();
+        for arm in dirs(&setting)? {
+            let mut runs = Vec::new();
+            for run in dirs(&arm)? {
+                let Some(seed) = name(&run).strip_prefix("seed-").and_then(|s| s.parse().ok()) else { continue };
+                let rows = read_metrics(&run)?;
+                let want = std::fs::read_to_string(run.join("config.toml"))
+                    .ok()
+                    .and_then(|t| toml::from_str::<toml::Value>(&t).ok())
+                    .and_then(|v| v.get("iterations").and_then(|i| i.as_integer()))
+                    .unwrap_or(rows.len() as i64) as usize;
+                if rows.is_empty() || rows.len() < want {
+                    continue;
+                }
+                let mut heldout = BTreeMap::new();
+                if let Some(e) = std::fs::read_to_string(run.join("eval-initial.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<InitialEval>(&t).ok())
+                {
+                    heldout.insert(0, e.heldout_accuracy);
+                }
+                for r in &rows {
+                    if let Some(a) = r.heldout_accuracy {
+                        heldout.insert(r.iteration + 1, a);
+                    }
+                }
+                runs.push(SeedRun { seed, heldout, rows });
+            }
+            if !runs.is_empty() {
+                runs.sort_by_key(|r| r.seed);
+                arms.push(Arm { name: name(&arm), runs });
+            }
+        }
+        arms.sort_by_key(|a| arm_order(&a.name));
+        if !arms.is_empty() {
+            out.insert(name(&setting), arms);
+        }
+    }
+    Ok(out)
+}
+
+fn pct((m, h): (f64, f64)) -> String {
+    if h.is_nan() {
+        format!("{:.0}%", 100.0 * m)
+    } else {
+        format!("{:.0} ± {:.0}%", 100.0 * m, 100.0 * h)
+    }
+}
+
+/// Iterations at which every run of the setting was evaluated.
+fn common_evals(arms: &[Arm]) -> Vec<usize> {
+    let mut its: Option<Vec<usize>> = None;
+    for r in arms.iter().flat_map(|a| &a.runs) {
+        let k: Vec<usize> = r.heldout.keys().copied().collect();
+        its = Some(match its {
+            None => k,
+            Some(v) => v.into_iter().filter(|i| k.contains(i)).collect(),
+        });
+    }
+    its.unwrap_or_default()
+}
+
+/// The Markdown table (and a verdict line) of one setting.
+pub fn table(arms: &[Arm]) -> String {
+    let evals = common_evals(arms);
+    let mut s = String::from("| arm | seeds |");
+    for it in &evals {
+        let _ = write!(s, " {} |", if *it == 0 { "held-out before".to_string() } else { format!("after {it}") });
+    }
+    s.push_str(
+        " tokens generated per run | probe share | trained / tokens with a signal | sequences trained | probes per analysis | minutes per run |\n|---|---|",
+    );
+    s.push_str(&"---|".repeat(evals.len() + 6));
+    s.push('\n');
+    for a in arms {
+        let sum = |f: &dyn Fn(&MetricsRow) -> f64| -> Vec<f64> {
+            a.runs.iter().map(|r| r.rows.iter().map(f).sum::<f64>()).collect()
+        };
+        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let total = sum(&|r| r.collect.total_tokens() as f64);
+        let probe = sum(&|r| r.collect.value_tokens as f64);
+        let trained = sum(&|r| r.collect.trained_tokens() as f64);
+        let signal = sum(&|r| (r.collect.total_tokens() - r.collect.zero_signal_tokens) as f64);
+        let probes = sum(&|r| r.collect.probes as f64);
+        let analysed = sum(&|r| r.collect.analysed as f64);
+        let seqs = sum(&|r| r.train_sequences as f64);
+        let minutes = sum(&|r| r.seconds / 60.0);
+        let seeds: Vec<String> = a.runs.iter().map(|r| r.seed.to_string()).collect();
+        let _ = write!(s, "| `{}` | {} |", a.name, seeds.join(", "));
+        for it in &evals {
+            let v: Vec<f64> = a.runs.iter().map(|r| r.heldout[it]).collect();
+            let _ = write!(s, " {} |", pct(mean_ci(&v)));
+        }
+        let ratio = |x: f64, y: f64| if y > 0.0 { format!("{:.0}%", 100.0 * x / y) } else { "–".into() };
+        let _ = writeln!(
+            s,
+            " {:.0} | {} | {} | {:.0} | {} | {:.0} |",
+            mean(total.clone()),
+            ratio(probe.iter().sum(), total.iter().sum()),
+            ratio(trained.iter().sum(), signal.iter().sum()),
+            mean(seqs),
+            if analysed.iter().sum::<f64>() > 0.0 {
+                format!("{:.1}", probes.iter().sum::<f64>() / analysed.iter().sum::<f64>())
+            } else {
+                "–".into()
+            },
+            mean(minutes),
+        );
+    }
+    if let Some(&last) = evals.last().filter(|&&l| l > 0) {
+        let finals: Vec<(&str, (f64, f64))> = arms
+            .iter()
+            .map(|a| (a.name.as_str(), mean_ci(&a.runs.iter().map(|r| r.heldout[&last]).collect::<Vec<_>>())))
+            .collect();
+        if let Some(best) = finals.iter().max_by(|x, y| x.1 .0.total_cmp(&y.1 .0)) {
+            let overlap: Vec<&str> = finals
+                .iter()
+                .filter(|f| f.0 != best.0 && (f.1 .0 + f.1 .1.max(0.0)) >= (best.1 .0 - best.1 .1.max(0.0)))
+                .map(|f| f.0)
+                .collect();
+            let _ = write!(
+                s,
+                "\nHighest mean held-out accuracy after {last} iterations: `{}` ({}).",
+                best.0,
+                pct(best.1)
+            );
+            if best.1 .1.is_nan() {
+                s.push_str(" One seed per arm so far: no interval.");
+            } else if overlap.is_empty() {
+                s.push_str(" Its 95% interval overlaps no other arm's.");
+            } else {
+                let _ = write!(s, " Its 95% interval overlaps those of: `{}`.", overlap.join("`, `"));
+            }
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// Replaces the text between `<!-- report:NAME -->` and `<!-- /report:NAME -->` (the markers
+/// stay). None when the markers are missing.
+pub fn splice(doc: &str, name: &str, content: &str) -> Option<String> {
+    let (open, close) = (format!("<!-- report:{name} -->"), format!("<!-- /report:{name} -->"));
+    let a = doc.find(&open)? + open.len();
+    let b = a + doc[a..].find(&close)?;
+    Some(format!("{}\n{}\n{}", &doc[..a], content.trim_end(), &doc[b..]))
+}
+
+/// XML-escapes text for SVG.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+
+/// Mean and band (mean ± 95% half-width, or min–max for fewer than 2 seeds) per x.
+type Curve = Vec<(f64, f64, f64, f64)>;
+
+fn curve(points: &[Vec<(f64, f64)>]) -> Curve {
+    let mut by_x: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for run in points {
+        for &(x, y) in run {
+            by_x.entry(x as i64).or_default().push(y);
+        }
+    }
+    by_x.into_iter()
+        .filter(|(_, ys)| ys.len() == points.len())
+        .map(|(x, ys)| {
+            let (m, h) = mean_ci(&ys);
+            let h = if h.is_nan() { 0.0 } else { h };
+            (x as f64, m, (m - h).max(0.0), (m + h).min(1.0))
+        })
+        .collect()
+}
+
+fn panel(svg: &mut String, x0: f64, title: &str, curves: &[(String, Curve)], x_max: f64) {
+    let (w, h, left, top) = (400.0, 240.0, x0 + 50.0, 40.0);
+    let _ = write!(svg, r#"<text x="{left}" y="24" font-size="14" font-weight="bold">{}</text>"#, escape(title));
+    let _ = write!(svg, r##"<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>"##);
+    for k in 0..=4 {
+        let y = top + h - h * k as f64 / 4.0;
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" font-size="10" text-anchor="end">{:.2}</text>"##,
+            left + w,
+            left - 4.0,
+            y + 3.0,
+            k as f64 / 4.0
+        );
+    }
+    let xm = x_max.max(1.0);
+    for k in 0..=4 {
+        let it = (xm * k as f64 / 4.0).round();
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{}" font-size="10" text-anchor="middle">{it}</text>"#,
+            left + w * it / xm,
+            top + h + 14.0
+        );
+    }
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">iteration</text>"#,
+        left + w / 2.0,
+        top + h + 30.0
+    );
+    let px = |x: f64| left + w * x / xm;
+    let py = |y: f64| top + h - h * y.clamp(0.0, 1.0);
+    for (i, (_, c)) in curves.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        if c.len() > 1 {
+            let upper = c.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.3)));
+            let lower = c.iter().rev().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.2)));
+            let band: Vec<String> = upper.chain(lower).collect();
+            let _ = write!(svg, r#"<polygon fill="{color}" fill-opacity="0.15" stroke="none" points="{}"/>"#, band.join(" "));
+            let line: Vec<String> = c.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1))).collect();
+            let _ = write!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, line.join(" "));
+        }
+        for p in c {
+            let _ = write!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, px(p.0), py(p.1));
+        }
+    }
+}
+
+/// The SVG of one setting: held-out accuracy and the root samples' accuracy per iteration, mean
+/// line and 95% band over seeds per arm.
+pub fn plot(setting: &str, arms: &[Arm]) -> String {
+    let held: Vec<(String, Curve)> = arms
+        .iter()
+        .map(|a| {
+            let pts: Vec<Vec<(f64, f64)>> =
+                a.runs.iter().map(|r| r.heldout.iter().map(|(&i, &v)| (i as f64, v)).collect()).collect();
+            (a.name.clone(), curve(&pts))
+        })
+        .collect();
+    let train: Vec<(String, Curve)> = arms
+        .iter()
+        .map(|a| {
+            let pts: Vec<Vec<(f64, f64)>> = a
+                .runs
+                .iter()
+                .map(|r| r.rows.iter().map(|m| ((m.iteration + 1) as f64, m.accuracy)).collect())
+                .collect();
+            (a.name.clone(), curve(&pts))
+        })
+        .collect();
+    let x_max = held.iter().chain(&train).flat_map(|c| c.1.iter().map(|p| p.0)).fold(1.0, f64::max);
+    let rows = arms.len().div_ceil(4);
+    let height = 330.0 + 18.0 * rows as f64;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="960" height="{height}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>"#
+    );
+    panel(&mut svg, 0.0, &format!("{setting}: held-out greedy accuracy"), &held, x_max);
+    panel(&mut svg, 480.0, &format!("{setting}: accuracy of root samples"), &train, x_max);
+    for (i, a) in arms.iter().enumerate() {
+        let (x, y) = (60.0 + 220.0 * (i % 4) as f64, 330.0 + 18.0 * (i / 4) as f64);
+        let seeds = a.runs.len();
+        let _ = write!(
+            svg,
+            r#"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{y}" font-size="12">{} ({seeds} seed{})</text>"#,
+            y - 10.0,
+            COLORS[i % COLORS.len()],
+            x + 16.0,
+            escape(&a.name),
+            if seeds == 1 { "" } else { "s" }
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Writes `<plots>/experiment-<setting>.svg` for every setting under `dir` and, when `readme`
+/// is given, splices each setting's table into it. Returns the settings reported.
+pub fn report(dir: &Path, readme: Option<&Path>, plots: &Path) -> Result<Vec<String>> {
+    let settings = load(dir)?;
+    let mut doc = match readme {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?),
+        None => None,
+    };
+    for (setting, arms) in &settings {
+        let out = plots.join(format!("experiment-{setting}.svg"));
+        std::fs::write(&out, plot(setting, arms)).map_err(|e| Error::io(&out, e))?;
+        let t = table(arms);
+        match doc.as_mut() {
+            Some(d) => {
+                *d = splice(d, setting, &t).ok_or_else(|| {
+                    Error::invalid("readme", format!("no <!-- report:{setting} --> … <!-- /report:{setting} --> markers"))
+                })?;
+            }
+            None => println!("## {setting}\n\n{t}"),
+        }
+    }
+    if let (Some(p), Some(d)) = (readme, doc) {
+        std::fs::write(p, d).map_err(|e| Error::io(p, e))?;
+    }
+    Ok(settings.into_keys().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_and_splicing() {
+        let (m, h) = mean_ci(&[0.2, 0.4, 0.6]);
+        assert!((m - 0.4).abs() < 1e-12);
+        // s = 0.2, t(2) = 4.303: 4.303 · 0.2 / √3.
+        assert!((h - 4.303 * 0.2 / 3f64.sqrt()).abs() < 1e-9, "{h}");
+        assert!(mean_ci(&[0.5]).1.is_nan());
+        let doc = "a\n<!-- report:x -->\nold\n<!-- /report:x -->\nb";
+        assert_eq!(splice(doc, "x", "new").unwrap(), "a\n<!-- report:x -->\nnew\n<!-- /report:x -->\nb");
+        assert!(splice(doc, "y", "new").is_none());
+        assert_eq!(escape("a<b & \"c\">"), "a&lt;b &amp; &quot;c&quot;&gt;");
+    }
+}
