@@ -120,7 +120,7 @@ fn groups(out: &Collected) -> Vec<(usize, Vec<f64>, Vec<f64>)> {
         e.2.push(c.advantage.expect("the loop gives explicit advantages"));
     }
     let mut v: Vec<_> = g.into_values().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v.sort_by_key(|a| a.0);
     v
 }
 

@@ -32,7 +32,12 @@ fn load(dir: &Path) -> Result<Series> {
 
 fn panel(svg: &mut String, x0: f64, title: &str, series: &[(&str, &[(f64, f64)])], x_max: f64) {
     let (w, h, left, top) = (420.0, 260.0, x0 + 50.0, 40.0);
-    let _ = write!(svg, r#"<text x="{}" y="24" font-size="14" font-weight="bold">{}</text>"#, left, super::report::escape(title));
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="24" font-size="14" font-weight="bold">{}</text>"#,
+        left,
+        super::report::escape(title)
+    );
     let _ = write!(svg, r##"<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>"##);
     for k in 0..=4 {
         let y = top + h - h * k as f64 / 4.0;

@@ -49,12 +49,8 @@ pub fn mean_ci(xs: &[f64]) -> (f64, f64) {
 }
 
 fn dirs(p: &Path) -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(p)
-        .map_err(|e| Error::io(p, e))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(p).map_err(|e| Error::io(p, e))?.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
     v.sort();
     Ok(v)
 }
@@ -200,12 +196,8 @@ pub fn table(arms: &[Arm]) -> String {
                 .filter(|f| f.0 != best.0 && (f.1 .0 + f.1 .1.max(0.0)) >= (best.1 .0 - best.1 .1.max(0.0)))
                 .map(|f| f.0)
                 .collect();
-            let _ = write!(
-                s,
-                "\nHighest mean held-out accuracy after {last} iterations: `{}` ({}).",
-                best.0,
-                pct(best.1)
-            );
+            let _ =
+                write!(s, "\nHighest mean held-out accuracy after {last} iterations: `{}` ({}).", best.0, pct(best.1));
             if best.1 .1.is_nan() {
                 s.push_str(" One seed per arm so far: no interval.");
             } else if overlap.is_empty() {
@@ -294,9 +286,14 @@ fn panel(svg: &mut String, x0: f64, title: &str, curves: &[(String, Curve)], x_m
             let upper = c.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.3)));
             let lower = c.iter().rev().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.2)));
             let band: Vec<String> = upper.chain(lower).collect();
-            let _ = write!(svg, r#"<polygon fill="{color}" fill-opacity="0.15" stroke="none" points="{}"/>"#, band.join(" "));
+            let _ = write!(
+                svg,
+                r#"<polygon fill="{color}" fill-opacity="0.15" stroke="none" points="{}"/>"#,
+                band.join(" ")
+            );
             let line: Vec<String> = c.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1))).collect();
-            let _ = write!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, line.join(" "));
+            let _ =
+                write!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, line.join(" "));
         }
         for p in c {
             let _ = write!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, px(p.0), py(p.1));
@@ -366,7 +363,10 @@ pub fn report(dir: &Path, readme: Option<&Path>, plots: &Path) -> Result<Vec<Str
         match doc.as_mut() {
             Some(d) => {
                 *d = splice(d, setting, &t).ok_or_else(|| {
-                    Error::invalid("readme", format!("no <!-- report:{setting} --> … <!-- /report:{setting} --> markers"))
+                    Error::invalid(
+                        "readme",
+                        format!("no <!-- report:{setting} --> … <!-- /report:{setting} --> markers"),
+                    )
                 })?;
             }
             None => println!("## {setting}\n\n{t}"),

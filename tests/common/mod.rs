@@ -2,7 +2,10 @@
 #![allow(dead_code)]
 
 use gpo::engine::{Engine, EngineConfig, KvMode};
+use gpo::gguf::lora::{LoraAdapterFile, LoraTensor};
+use gpo::gguf::synth::linear_tensors;
 use gpo::gguf::synth::{write_synthetic, SynthSpec};
+use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -70,4 +73,25 @@ pub fn rss_kib() -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .expect("VmRSS")
+}
+
+/// Writes a random LoRA adapter on `model`'s q and v projections (B uniform in ±`b`, 0 = zero).
+pub fn write_adapter(model: &Path, name: &str, rank: usize, b: f32, seed: u64) -> PathBuf {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let tensors = linear_tensors(model)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _, _)| n.ends_with("attn_q.weight") || n.ends_with("attn_v.weight"))
+        .map(|(base, n_in, n_out)| LoraTensor {
+            base,
+            rank,
+            n_in,
+            n_out,
+            a: (0..rank * n_in).map(|_| rng.random_range(-0.1..0.1)).collect(),
+            b: (0..n_out * rank).map(|_| if b == 0.0 { 0.0 } else { rng.random_range(-b..b) }).collect(),
+        })
+        .collect();
+    let path = scratch(name);
+    LoraAdapterFile { architecture: "llama".into(), alpha: 2.0 * rank as f32, tensors }.write(&path).unwrap();
+    path
 }
