@@ -270,9 +270,11 @@ const char *gpo_last_error(void);
 enum GpoStatus gpo_model_check(const char *path);
 
 /*
- A static description of a status code. Ownership: static storage; never free it.
+ A static description of a status code (a GpoStatus value; any other integer gives "unknown
+ status" — taken as an int because a C caller may pass any). Ownership: static storage; never
+ free it.
  */
-const char *gpo_status_string(enum GpoStatus status);
+const char *gpo_status_string(int32_t status);
 
 /*
  Default engine settings.

@@ -36,6 +36,12 @@ if [ "${1:-}" != "--report" ]; then
         fi
         out="runs/experiment/$setting/$arm/seed-$seed"
         echo "experiment: $setting / $arm / seed $seed → $out" >&2
+        # The base model's greedy held-out evaluation is the same for every run of a setting
+        # (same model, tasks and batching): reuse a finished run's instead of recomputing it.
+        base=$(ls docs/experiment/"$setting"/*/seed-*/eval-initial.json 2>/dev/null | head -1 || true)
+        if [ -n "$base" ] && [ ! -f "$out/eval-initial.json" ]; then
+          mkdir -p "$out" && cp "$base" "$out/eval-initial.json"
+        fi
         "$gpo" train --config "$cfg" --seed "$seed" --output "$out"
         mkdir -p "$done_dir"
         cp "$out/config.toml" "$out/metrics.jsonl" "$out/eval-initial.json" "$done_dir/"

@@ -385,6 +385,13 @@ fn configs_are_checked() {
     assert!(bad("mode = \"gpo\"\niterations = 0\noutput = \"x\"").unwrap_err().contains("iterations"));
     assert!(bad("mode = \"nope\"\niterations = 1\noutput = \"x\"").is_err());
     assert!(bad("mode = \"gpo\"\niterations = 1\noutput = \"x\"\ntypo = 3").unwrap_err().contains("typo"));
+    // A key in the wrong section is an error naming it, not a silent default (a misplaced
+    // `model` used to train the default model).
+    for section in ["tasks", "rollout", "value", "reset", "engine", "train", "eval", "steps", "tasks.generator"] {
+        let e = bad(&format!("mode = \"gpo\"\niterations = 1\noutput = \"x\"\n[{section}]\nmodel = \"m.gguf\""))
+            .unwrap_err();
+        assert!(e.contains("unknown field `model`"), "[{section}]: {e}");
+    }
     assert!(bad("mode = \"grpo\"\niterations = 1\noutput = \"x\"\n[rollout]\ngroup_size = 1")
         .unwrap_err()
         .contains("group_size"));

@@ -23,7 +23,7 @@ pub const VERSION: u64 = 1;
 
 /// Per-request limits (from gpod.toml).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest accepted line, bytes.
     pub max_message_bytes: usize,
@@ -399,6 +399,16 @@ mod tests {
 
     fn p(s: &str) -> Result<Request, ProtocolError> {
         parse_request(s, &Limits::default())
+    }
+
+    #[test]
+    fn gpod_toml_rejects_unknown_keys_in_every_section() {
+        use crate::daemon::server::DaemonConfig;
+        for text in ["typo = 1", "[limits]\nmax_rollout = 3", "[engine]\nmodel = \"m.gguf\""] {
+            let e = toml::from_str::<DaemonConfig>(text).unwrap_err().to_string();
+            assert!(e.contains("unknown field"), "{text}: {e}");
+        }
+        assert!(toml::from_str::<DaemonConfig>("[limits]\nmax_rollouts = 3").is_ok());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// How trajectories are split into steps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct StepConfig {
     /// Text that ends a step. Default `"\n"`.
     pub delimiter: String,

@@ -111,9 +111,7 @@ pub unsafe extern "C" fn gpo_engine_new(
 /// `engine` is NULL or a pointer from gpo_engine_new() not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn gpo_engine_free(engine: *mut GpoEngine) {
-    if !engine.is_null() {
-        let _ = std::panic::catch_unwind(|| drop(unsafe { Box::from_raw(engine) }));
-    }
+    unsafe { super::free_boxed(engine) }
 }
 
 impl GpoEngine {

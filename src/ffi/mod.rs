@@ -218,20 +218,34 @@ pub unsafe extern "C" fn gpo_model_check(path: *const c_char) -> GpoStatus {
     })
 }
 
-/// A static description of a status code. Ownership: static storage; never free it.
+/// A static description of a status code (a GpoStatus value; any other integer gives "unknown
+/// status" — taken as an int because a C caller may pass any). Ownership: static storage; never
+/// free it.
 #[no_mangle]
-pub extern "C" fn gpo_status_string(status: GpoStatus) -> *const c_char {
+pub extern "C" fn gpo_status_string(status: i32) -> *const c_char {
     let s: &'static str = match status {
-        GpoStatus::GpoOk => "ok\0",
-        GpoStatus::GpoInvalidArgument => "invalid argument\0",
-        GpoStatus::GpoIoError => "I/O error\0",
-        GpoStatus::GpoModelError => "model or adapter rejected\0",
-        GpoStatus::GpoCancelled => "cancelled\0",
-        GpoStatus::GpoPanic => "internal error (panic caught)\0",
-        GpoStatus::GpoInternalError => "internal error\0",
-        GpoStatus::GpoCallbackError => "a callback returned an error\0",
+        0 => "ok\0",
+        1 => "invalid argument\0",
+        2 => "I/O error\0",
+        3 => "model or adapter rejected\0",
+        4 => "cancelled\0",
+        5 => "internal error (panic caught)\0",
+        6 => "internal error\0",
+        7 => "a callback returned an error\0",
+        _ => "unknown status\0",
     };
     s.as_ptr().cast()
+}
+
+/// Drops a boxed handle behind a panic guard: a panicking destructor never unwinds into C.
+///
+/// # Safety
+/// `p` is NULL or a pointer from `Box::into_raw` not freed before.
+pub(crate) unsafe fn free_boxed<T>(p: *mut T) {
+    if !p.is_null() {
+        // SAFETY: the caller passes a live pointer from Box::into_raw exactly once.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(unsafe { Box::from_raw(p) })));
+    }
 }
 
 #[cfg(test)]
@@ -250,7 +264,7 @@ mod tests {
         assert!(msg.contains("boom"), "{msg}");
         assert_eq!(guard(|| Err(fail_msg(GpoStatus::GpoIoError, "io"))), GpoStatus::GpoIoError);
         assert_eq!(unsafe { CStr::from_ptr(gpo_last_error()) }.to_str().unwrap(), "io");
-        let s = unsafe { CStr::from_ptr(gpo_status_string(GpoStatus::GpoCancelled)) };
+        let s = unsafe { CStr::from_ptr(gpo_status_string(GpoStatus::GpoCancelled as i32)) };
         assert_eq!(s.to_str().unwrap(), "cancelled");
     }
 

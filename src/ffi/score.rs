@@ -37,9 +37,7 @@ pub unsafe extern "C" fn gpo_verifier_new(config_json: *const c_char, out: *mut 
 /// `v` is NULL or a pointer from gpo_verifier_new() not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn gpo_verifier_free(v: *mut GpoVerifier) {
-    if !v.is_null() {
-        drop(unsafe { Box::from_raw(v) });
-    }
+    unsafe { super::free_boxed(v) }
 }
 
 /// Scores `completion` against `answer` into `*score` ([0, 1]). A failing external command scores 0.
@@ -197,9 +195,7 @@ impl Rollouts for EngineRollouts<'_> {
 /// `v` is NULL or a pointer from gpo_step_values() not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn gpo_values_free(v: *mut GpoValues) {
-    if !v.is_null() {
-        drop(unsafe { Box::from_raw(v) });
-    }
+    unsafe { super::free_boxed(v) }
 }
 
 /// The values V(s_0) … V(s_K): `*values` points to `*len` doubles; `*advantages` (may be NULL)

@@ -60,9 +60,7 @@ pub unsafe extern "C" fn gpo_trainer_new(
 /// `t` is NULL or a pointer from gpo_trainer_new() not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn gpo_trainer_free(t: *mut GpoTrainer) {
-    if !t.is_null() {
-        drop(unsafe { Box::from_raw(t) });
-    }
+    unsafe { super::free_boxed(t) }
 }
 
 /// One optimiser step (NLL/PPO/GRPO, per the trainer's objective) on the trajectories of `batch`
@@ -252,7 +250,5 @@ pub unsafe extern "C" fn gpo_run_cancel(run: *const GpoRun) -> GpoStatus {
 /// `run` is NULL or a pointer from gpo_run_new() not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn gpo_run_free(run: *mut GpoRun) {
-    if !run.is_null() {
-        drop(unsafe { Box::from_raw(run) });
-    }
+    unsafe { super::free_boxed(run) }
 }

@@ -55,9 +55,7 @@ impl GpoTrajectories {
 /// `list` is NULL or a pointer from gpo not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn gpo_trajectories_free(list: *mut GpoTrajectories) {
-    if !list.is_null() {
-        drop(unsafe { Box::from_raw(list) });
-    }
+    unsafe { super::free_boxed(list) }
 }
 
 /// Number of trajectories (0 for NULL).

@@ -84,7 +84,7 @@ impl Mode {
 
 /// Where prompts come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TaskSection {
     /// JSONL task file for training (default: the built-in generator).
     pub train_file: Option<PathBuf>,
@@ -121,7 +121,7 @@ impl Default for TaskSection {
 
 /// Root sampling.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RolloutSection {
     /// Prompts per wave.
     pub prompts: usize,
@@ -158,7 +158,7 @@ pub enum Gate {
 
 /// Monte-Carlo step values and the critical-step search.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ValueSection {
     /// Rollouts per probed prefix M (paper default 4).
     pub rollouts: usize,
@@ -214,7 +214,7 @@ impl ValueSection {
 
 /// Resets at the critical prefix.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ResetSection {
     /// Continuations sampled from the reset state N (default: the group size).
     pub continuations: Option<usize>,
@@ -233,7 +233,7 @@ impl Default for ResetSection {
 
 /// The rollout engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct EngineSection {
     /// Parallel sequences.
     pub parallel: u32,
@@ -255,7 +255,7 @@ impl Default for EngineSection {
 
 /// The learner.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainSection {
     /// Learning rate.
     pub lr: f64,
@@ -332,7 +332,7 @@ impl Default for TrainSection {
 
 /// Held-out evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct EvalSection {
     /// Evaluate every this many iterations (and after the last); 0 = only before and after.
     pub every: usize,

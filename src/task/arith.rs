@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Difficulty and size of a generated task set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ArithConfig {
     /// Operations after the starting quantity (≥ 1).
     pub steps: usize,

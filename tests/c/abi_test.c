@@ -66,6 +66,10 @@ int main(int argc, char **argv) {
     EXPECT(gpo_values_get(NULL, NULL, NULL, NULL) == -1);
     EXPECT(gpo_engine_cancel(NULL) == GPO_INVALID_ARGUMENT);
     EXPECT(gpo_run_cancel(NULL) == GPO_INVALID_ARGUMENT);
+    /* Any int is a valid argument: out-of-range codes are described, not undefined behaviour. */
+    EXPECT(strcmp(gpo_status_string(GPO_CANCELLED), "cancelled") == 0);
+    EXPECT(strcmp(gpo_status_string(99), "unknown status") == 0);
+    EXPECT(strcmp(gpo_status_string(-1), "unknown status") == 0);
 
     GpoEngineParams ep = gpo_engine_default_params();
     ep.n_parallel = 4;
