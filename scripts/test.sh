@@ -33,6 +33,13 @@ stage build cargo build --release --locked            # libgpo.so for the C, C++
 # --no-fail-fast: a failing test binary does not stop the ones after it (C ABI, daemon, ...).
 stage tests cargo test --release --locked --no-fail-fast
 stage python python3 -m pytest -q bindings/python/tests
+# What a Python user does: pip install into a fresh virtual environment, then use it from
+# elsewhere (the package ships its own libgpo.so; the tests check that it is the one loaded).
+stage pip bash -c 'set -e; repo=$PWD; venv=$(mktemp -d)/venv; python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check ./bindings/python pytest
+  cd "$(dirname "$venv")"; "$venv/bin/python" -c "import gpo; print(\"gpo\", gpo.version(), gpo.LIB_PATH)"
+  GPO_EXPECT_INSTALLED=1 "$venv/bin/python" -m pytest -q "$repo/bindings/python/tests"
+  "$venv/bin/python" "$repo/bindings/python/example.py"'
 stage fuzz scripts/fuzz.sh 60                          # gpod's parser under libFuzzer + ASan
 
 echo "=== summary" >&2

@@ -4,8 +4,11 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gpo  # noqa: E402
+try:
+    import gpo  # installed with `pip install ./bindings/python`
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpo  # noqa: E402  (the source tree)
 
 config = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "..", "configs", "quick.toml")
 

@@ -5,7 +5,8 @@
     t = engine.generate("What is 2 + 3?", n=4, temperature=0.7)
     values = engine.step_values(t, 0, reward=lambda prompt, completion: float("5" in completion))
 
-The library is found through $GPO_LIB, else target/release/libgpo.so of the source tree.
+The library is found through $GPO_LIB, else the one shipped in the package (`pip install
+./bindings/python`), else target/release/libgpo.so of the source tree.
 Every failing call raises gpo.Error with the status and gpo's message.
 """
 
@@ -19,7 +20,9 @@ __all__ = ["Error", "Engine", "Trajectories", "Verifier", "Trainer", "Run", "ver
 
 def _load():
     candidates = [os.environ.get("GPO_LIB")] if os.environ.get("GPO_LIB") else []
-    root = Path(__file__).resolve().parents[3]
+    here = Path(__file__).resolve().parent
+    candidates.append(str(here / "libgpo.so"))  # shipped by `pip install ./bindings/python`
+    root = here.parents[2]  # the source tree, when imported from bindings/python
     candidates += [str(root / "target" / "release" / "libgpo.so"), str(root / "target" / "debug" / "libgpo.so"), "libgpo.so"]
     errors = []
     for c in candidates:
@@ -27,10 +30,11 @@ def _load():
             return C.CDLL(c)
         except OSError as e:
             errors.append(f"{c}: {e}")
-    raise OSError("cannot load libgpo.so (build it with `cargo build --release` or set GPO_LIB):\n" + "\n".join(errors))
+    raise OSError("cannot load libgpo.so (`pip install ./bindings/python`, `cargo build --release`, or set GPO_LIB):\n" + "\n".join(errors))
 
 
 lib = _load()
+LIB_PATH = lib._name
 OK = 0
 STATUS = {0: "ok", 1: "invalid argument", 2: "I/O error", 3: "model or adapter rejected", 4: "cancelled", 5: "internal error (panic)", 6: "internal error", 7: "callback error"}
 

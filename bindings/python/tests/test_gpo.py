@@ -5,8 +5,11 @@ import threading
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gpo  # noqa: E402
+try:
+    import gpo  # installed with `pip install ./bindings/python`
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import gpo  # noqa: E402  (the source tree, after `cargo build --release`)
 
 MODEL = os.environ.get("GPO_TEST_MODEL", gpo.default_model())
 
@@ -16,6 +19,13 @@ def engine():
     e = gpo.Engine(MODEL, n_parallel=8, n_ctx_per_seq=512)
     yield e
     e.close()
+
+
+@pytest.mark.skipif(not os.environ.get("GPO_EXPECT_INSTALLED"), reason="only when testing the pip-installed package")
+def test_the_installed_package_ships_its_own_library():
+    here = os.path.dirname(os.path.abspath(gpo.__file__))
+    assert "site-packages" in here, here
+    assert gpo.LIB_PATH == os.path.join(here, "libgpo.so"), gpo.LIB_PATH
 
 
 def test_version():
