@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-cargo run --release --locked --quiet --bin gpo -- demo "$@"
+echo "demo: building gpo (the first build compiles llama.cpp and candle: ~15 minutes on 2 cores)" >&2
+cargo build --release --locked --bin gpo
+target/release/gpo demo "$@"

@@ -137,3 +137,16 @@ fn generate_json_and_tasks() {
     }
     assert_eq!(stdout.lines().count(), 3);
 }
+
+#[test]
+fn progress_is_printed_as_plain_lines_when_stderr_is_not_a_terminal() {
+    // Here stderr is a pipe (as in CI logs): no bar escapes, but a line per phase and the end.
+    let model = tiny_model("llama");
+    let (ok, stdout, stderr) =
+        gpo(&["eval", "--model", model.to_str().unwrap(), "--steps", "1", "--count", "6", "--max-tokens", "8"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("greedy accuracy"), "{stdout}");
+    assert!(stderr.lines().any(|l| l.starts_with("evaluating: 0/6")), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("evaluating: 6/6")), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "no terminal escapes in a log: {stderr:?}");
+}

@@ -7,6 +7,8 @@ use gpo::task::{self, arith::ArithConfig, Task};
 use gpo::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(
@@ -307,15 +309,81 @@ impl TaskArgs {
     }
 }
 
-fn bar(len: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
+/// Progress on stderr: a bar on a terminal; elsewhere (CI logs, pipes) a plain line whenever the
+/// message changes and every 5 s otherwise, as cargo and pip do, so a long phase never looks hung.
+#[derive(Clone)]
+struct Meter {
+    pb: ProgressBar,
+    /// Plain-line mode: the last line's time and message.
+    plain: Option<Arc<Mutex<(Instant, String)>>>,
+}
+
+impl Meter {
+    fn tick(&self, force: bool) {
+        let Some(p) = &self.plain else { return };
+        let Ok(mut last) = p.lock() else { return };
+        let msg = self.pb.message();
+        if force || msg != last.1 || last.0.elapsed() >= Duration::from_secs(5) {
+            let len = self.pb.length().unwrap_or(0);
+            eprintln!("{msg}: {}/{len} ({:.0} s)", self.pb.position(), self.pb.elapsed().as_secs_f64());
+            *last = (Instant::now(), msg);
+        }
+    }
+    fn set_message(&self, m: String) {
+        self.pb.set_message(m);
+        self.tick(false);
+    }
+    fn set_position(&self, p: u64) {
+        self.pb.set_position(p);
+        self.tick(false);
+    }
+    fn inc(&self, n: u64) {
+        self.pb.inc(n);
+        self.tick(false);
+    }
+    fn println(&self, line: String) {
+        match self.plain {
+            Some(_) => eprintln!("{line}"),
+            None => self.pb.println(line),
+        }
+    }
+    fn finish_and_clear(&self) {
+        if self.plain.is_some() && !self.pb.is_finished() {
+            self.tick(true);
+        }
+        self.pb.finish_and_clear();
+    }
+}
+
+fn bar(len: usize, what: &str) -> Meter {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let pb = if terminal {
+        ProgressBar::new(len as u64)
+    } else {
+        ProgressBar::with_draw_target(Some(len as u64), indicatif::ProgressDrawTarget::hidden())
+    };
     pb.set_style(
         ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} ({elapsed})")
             .expect("template")
             .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
-    pb
+    let plain = (!terminal).then(|| Arc::new(Mutex::new((Instant::now(), String::new()))));
+    let m = Meter { pb, plain };
+    m.tick(true);
+    if m.plain.is_some() {
+        // Phases that report nothing for minutes (a held-out evaluation inside a run) still get
+        // a line every few seconds.
+        let ticker = m.clone();
+        std::thread::spawn(move || {
+            while !ticker.pb.is_finished() {
+                std::thread::sleep(Duration::from_secs(5));
+                ticker.tick(false);
+            }
+        });
+    }
+    m
 }
 
 fn run_eval(engine: &Engine, tasks: &[Task], cfg: &EvalConfig) -> Result<gpo::eval::EvalReport> {
@@ -326,7 +394,7 @@ fn run_eval(engine: &Engine, tasks: &[Task], cfg: &EvalConfig) -> Result<gpo::ev
 }
 
 struct Bars {
-    bar: ProgressBar,
+    bar: Meter,
 }
 
 impl gpo::gpo::Progress for Bars {
