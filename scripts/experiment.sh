@@ -18,8 +18,8 @@ if [ -z "${GPO_BIN:-}" ]; then
   cargo build --release --locked --bin gpo
 fi
 
-plan() { # setting, seeds, arms in order
-  echo "one-step|${SEEDS:-1 2 3}|gpo grpo random-reset gpo-paper"
+plan() { # setting|seeds|arms, in order of importance: every arm of a seed before the next seed
+  echo "one-step|${SEEDS:-1 2 3}|gpo grpo random-reset gpo-paper gpo-root-term"
   echo "two-step|${SEEDS_HARD:-1 2}|gpo grpo random-reset"
 }
 
