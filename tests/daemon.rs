@@ -127,6 +127,17 @@ fn malformed_and_oversized_messages_get_errors_and_the_connection_stays_healthy(
     assert!(r["error"]["message"].as_str().unwrap().contains("unknown"));
     let r = c.call(json!({"op": "generate", "tokens": [1, 2, 99999999], "n": 1})).unwrap();
     assert_eq!(r["error"]["code"], json!("invalid"));
+    // Invalid UTF-8 is refused, not replaced (that would run a prompt the client never sent).
+    {
+        use std::io::{BufRead, Write};
+        let mut raw = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        raw.write_all(b"{\"v\":1,\"op\":\"generate\",\"prompt\":\"\xff\xfe\"}\n").unwrap();
+        let mut reply = String::new();
+        std::io::BufReader::new(&raw).read_line(&mut reply).unwrap();
+        let v: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(v["error"]["code"], json!("malformed"), "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("not UTF-8"), "{v}");
+    }
     // Still healthy.
     let r = c.call(json!({"op": "generate", "prompt": "fine", "sampling": {"max_tokens": 3}})).unwrap();
     assert_eq!(ok(&r)["trajectories"][0]["tokens"].as_array().unwrap().len(), 3);

@@ -228,17 +228,28 @@ pub fn parse_request(line: &str, limits: &Limits) -> Result<Request, ProtocolErr
         Some(v @ (Value::String(_) | Value::Number(_) | Value::Null)) => v.clone(),
         Some(_) => return Err(invalid(&Value::Null, "invalid", "id must be a string or a number")),
     };
-    match o.get("v").and_then(Value::as_u64) {
-        Some(VERSION) => {}
-        Some(other) => {
-            return Err(invalid(&id, "version", format!("protocol version {other} (this gpod speaks {VERSION})")))
-        }
-        None => return Err(invalid(&id, "version", format!("missing \"v\": {VERSION}"))),
+    match o.get("v") {
+        None | Some(Value::Null) => return Err(invalid(&id, "version", format!("missing \"v\": {VERSION}"))),
+        Some(v) => match v.as_u64() {
+            Some(VERSION) => {}
+            Some(other) => {
+                return Err(invalid(&id, "version", format!("protocol version {other} (this gpod speaks {VERSION})")))
+            }
+            None => return Err(invalid(&id, "version", format!("\"v\" must be the integer {VERSION}, got {v}"))),
+        },
     }
     let op = match o.get("op") {
         Some(Value::String(s)) => s.as_str(),
-        _ => return Err(invalid(&id, "invalid", "missing \"op\"")),
+        None | Some(Value::Null) => return Err(invalid(&id, "invalid", "missing \"op\"")),
+        Some(v) => return Err(invalid(&id, "invalid", format!("\"op\" must be a string, got {v}"))),
     };
+    // Structured fields are JSON objects: serde would also read a struct from an array, in field
+    // order (`"sampling": [1]` as a temperature).
+    for k in ["sampling", "engine", "steps", "verifier"] {
+        if let Some(v) = get(&o, k).filter(|v| !v.is_object()) {
+            return Err(invalid(&id, "invalid", format!("{k} must be a JSON object, got {v}")));
+        }
+    }
     let op = match op {
         "status" => Op::Status,
         "shutdown" => Op::Shutdown,
@@ -399,6 +410,19 @@ mod tests {
 
     fn p(s: &str) -> Result<Request, ProtocolError> {
         parse_request(s, &Limits::default())
+    }
+
+    #[test]
+    fn wrong_types_are_named_not_reported_missing() {
+        let msg = |s: &str| p(s).unwrap_err().message;
+        assert!(msg(r#"{"v":1.0,"op":"status"}"#).contains("must be the integer 1"));
+        assert!(msg(r#"{"v":1,"op":5}"#).contains("\"op\" must be a string"));
+        assert!(msg(r#"{"op":"status"}"#).contains("missing \"v\""));
+        assert!(
+            msg(r#"{"v":1,"op":"generate","prompt":"x","sampling":[1]}"#).contains("sampling must be a JSON object")
+        );
+        assert!(msg(r#"{"v":1,"op":"load","model":"m","engine":[1,2]}"#).contains("engine must be a JSON object"));
+        assert!(p(r#"{"v":1,"op":"generate","prompt":"x","sampling":{"temperature":1}}"#).is_ok());
     }
 
     #[test]

@@ -470,8 +470,22 @@ impl Writer {
     }
 }
 
-/// Reads one line of at most `max` bytes. Longer lines are consumed and reported as `Err(len)`.
-fn read_line(r: &mut BufReader<UnixStream>, max: usize) -> std::io::Result<Option<Result<String, usize>>> {
+/// One line read from a client.
+enum Incoming {
+    /// A UTF-8 line (newline removed).
+    Line(String),
+    /// A line longer than the limit (consumed): its length.
+    TooLong(usize),
+    /// Not UTF-8: the offset of the first invalid byte.
+    NotUtf8(usize),
+}
+
+fn utf8(buf: Vec<u8>) -> Incoming {
+    String::from_utf8(buf).map(Incoming::Line).unwrap_or_else(|e| Incoming::NotUtf8(e.utf8_error().valid_up_to()))
+}
+
+/// Reads one line of at most `max` bytes. Longer lines are consumed and reported as too long.
+fn read_line(r: &mut BufReader<UnixStream>, max: usize) -> std::io::Result<Option<Incoming>> {
     let mut buf = Vec::new();
     let mut total = 0usize;
     loop {
@@ -480,9 +494,9 @@ fn read_line(r: &mut BufReader<UnixStream>, max: usize) -> std::io::Result<Optio
             return Ok(if total == 0 {
                 None
             } else if total > max {
-                Some(Err(total))
+                Some(Incoming::TooLong(total))
             } else {
-                Some(Ok(String::from_utf8_lossy(&buf).into_owned()))
+                Some(utf8(buf))
             });
         }
         let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
@@ -496,12 +510,12 @@ fn read_line(r: &mut BufReader<UnixStream>, max: usize) -> std::io::Result<Optio
         r.consume(take);
         if done {
             if total > max + 1 {
-                return Ok(Some(Err(total - 1)));
+                return Ok(Some(Incoming::TooLong(total - 1)));
             }
             while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
                 buf.pop();
             }
-            return Ok(Some(Ok(String::from_utf8_lossy(&buf).into_owned())));
+            return Ok(Some(utf8(buf)));
         }
     }
 }
@@ -515,8 +529,13 @@ fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
     let limits = shared.cfg.limits.clone();
     loop {
         let line = match read_line(&mut reader, limits.max_message_bytes) {
-            Ok(Some(Ok(l))) => l,
-            Ok(Some(Err(len))) => {
+            Ok(Some(Incoming::Line(l))) => l,
+            Ok(Some(Incoming::NotUtf8(at))) => {
+                // Replacing the bytes would run a prompt the client never sent.
+                out.line(&protocol::err(&Value::Null, "malformed", &format!("the line is not UTF-8 (byte {at})")));
+                continue;
+            }
+            Ok(Some(Incoming::TooLong(len))) => {
                 out.line(&protocol::err(
                     &Value::Null,
                     "too_large",
