@@ -3,8 +3,10 @@
 
 mod common;
 
-use common::{real_model, scratch, tiny_model};
-use gpo::engine::{FinishReason, GenerateRequest, Prompt, StepSpan, Trajectory};
+use common::{
+    real_model, scratch, script_context, script_trajectory, tiny_model, SCRIPT_NL as NL, SCRIPT_PROMPT as PROMPT,
+};
+use gpo::engine::{GenerateRequest, Trajectory};
 use gpo::gpo::collect::{mix, Collected, Collector, Rollouts};
 use gpo::gpo::config::Gate;
 use gpo::gpo::values::Search;
@@ -26,9 +28,6 @@ struct Scripted {
     next_id: AtomicU64,
     rollouts: AtomicU64,
 }
-
-const NL: i32 = 10;
-const PROMPT: i32 = 100;
 
 impl Scripted {
     fn new(q: f64, p_good: f64, p_bad: f64) -> Scripted {
@@ -62,23 +61,8 @@ impl Scripted {
             step_tok.push(t);
             tokens.extend([t, NL]);
         }
-        let steps = (0..tokens.len() / 2).map(|k| StepSpan { start: 2 * k, end: 2 * k + 2 }).collect();
         let text = format!("reasoning\nAnswer: {}", if step_tok[3] == 4 { 1 } else { 0 });
-        Trajectory {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            request: 0,
-            index: 0,
-            context,
-            prompt_len,
-            logprobs: vec![-1.0; tokens.len()],
-            tokens,
-            text,
-            steps,
-            adapter_version: 0,
-            temperature: 1.0,
-            finish: FinishReason::Eog,
-            origin: None,
-        }
+        script_trajectory(self.next_id.fetch_add(1, Ordering::Relaxed), context, prompt_len, tokens, text)
     }
 }
 
@@ -87,10 +71,7 @@ impl Rollouts for Scripted {
         Ok(reqs
             .into_iter()
             .map(|r| {
-                let (context, prompt_len) = match &r.prompt {
-                    Prompt::Tokens(t) => (Arc::new(t.clone()), r.prompt_len.unwrap_or(t.len())),
-                    _ => (Arc::new(vec![PROMPT]), 1),
-                };
+                let (context, prompt_len) = script_context(&r);
                 (0..r.n)
                     .map(|i| {
                         self.rollouts.fetch_add(1, Ordering::Relaxed);

@@ -2,7 +2,7 @@
 //! known by hand: bisection's probes, groups, advantages, the mixed-group gate, the shared value
 //! estimator and the token budget of every mode.
 
-use gpo::engine::{FinishReason, GenerateRequest, Prompt, SamplingParams, StepConfig, StepSpan, Trajectory};
+use gpo::engine::{GenerateRequest, Prompt, SamplingParams, StepConfig, Trajectory};
 use gpo::gpo::collect::{Collected, Collector, Rollouts};
 use gpo::gpo::config::Gate;
 use gpo::gpo::values::{estimate, Search, SearchConfig};
@@ -14,8 +14,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
-const NL: i32 = 10;
-const PROMPT: i32 = 100;
+mod common;
+
+use common::{script_context, script_trajectory, SCRIPT_NL as NL, SCRIPT_PROMPT as PROMPT};
 /// Steps of every trajectory (the last is the answer).
 const K: usize = 8;
 /// The step at which a trajectory may fall off the cliff.
@@ -47,22 +48,8 @@ impl Cliff {
             }
             tokens.extend([2 * self.next.fetch_add(1, Ordering::Relaxed) + i32::from(alive), NL]);
         }
-        let steps = (0..tokens.len() / 2).map(|k| StepSpan { start: 2 * k, end: 2 * k + 2 }).collect();
-        Trajectory {
-            id: self.next.fetch_add(1, Ordering::Relaxed) as u64,
-            request: 0,
-            index: 0,
-            context,
-            prompt_len,
-            logprobs: vec![-1.0; tokens.len()],
-            tokens,
-            text: format!("steps\nAnswer: {}", i32::from(alive)),
-            steps,
-            adapter_version: 0,
-            temperature: 1.0,
-            finish: FinishReason::Eog,
-            origin: None,
-        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed) as u64;
+        script_trajectory(id, context, prompt_len, tokens, format!("steps\nAnswer: {}", i32::from(alive)))
     }
 }
 
@@ -71,10 +58,7 @@ impl Rollouts for Cliff {
         Ok(reqs
             .into_iter()
             .map(|r| {
-                let (context, prompt_len) = match &r.prompt {
-                    Prompt::Tokens(t) => (Arc::new(t.clone()), r.prompt_len.unwrap_or(t.len())),
-                    _ => (Arc::new(vec![PROMPT]), 1),
-                };
+                let (context, prompt_len) = script_context(&r);
                 (0..r.n).map(|j| self.one(context.clone(), prompt_len, (j as f64 + 0.5) / r.n as f64)).collect()
             })
             .collect())

@@ -1,11 +1,12 @@
 //! An SVG plot of held-out accuracy and mean reward per iteration, one line per run.
 
+use super::report::{panel, Curve};
 use super::run::{read_metrics, InitialEval};
 use crate::{Error, Result};
 use std::fmt::Write;
 use std::path::Path;
 
-const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+use super::report::COLORS;
 
 struct Series {
     label: String,
@@ -30,55 +31,6 @@ fn load(dir: &Path) -> Result<Series> {
     Ok(Series { label, acc, reward })
 }
 
-fn panel(svg: &mut String, x0: f64, title: &str, series: &[(&str, &[(f64, f64)])], x_max: f64) {
-    let (w, h, left, top) = (420.0, 260.0, x0 + 50.0, 40.0);
-    let _ = write!(
-        svg,
-        r#"<text x="{}" y="24" font-size="14" font-weight="bold">{}</text>"#,
-        left,
-        super::report::escape(title)
-    );
-    let _ = write!(svg, r##"<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>"##);
-    for k in 0..=4 {
-        let y = top + h - h * k as f64 / 4.0;
-        let _ = write!(
-            svg,
-            r##"<line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" font-size="10" text-anchor="end">{:.2}</text>"##,
-            left + w,
-            left - 4.0,
-            y + 3.0,
-            k as f64 / 4.0
-        );
-    }
-    let xm = x_max.max(1.0);
-    for k in 0..=4 {
-        let it = (xm * k as f64 / 4.0).round();
-        let x = left + w * it / xm;
-        let _ = write!(svg, r#"<text x="{x}" y="{}" font-size="10" text-anchor="middle">{it}</text>"#, top + h + 14.0);
-    }
-    let _ = write!(
-        svg,
-        r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">iteration</text>"#,
-        left + w / 2.0,
-        top + h + 30.0
-    );
-    for (i, (_, pts)) in series.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        let coords: Vec<String> = pts
-            .iter()
-            .map(|(x, y)| format!("{:.1},{:.1}", left + w * x / xm, top + h - h * y.clamp(0.0, 1.0)))
-            .collect();
-        if coords.len() > 1 {
-            let _ =
-                write!(svg, r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#, coords.join(" "));
-        }
-        for p in &coords {
-            let (x, y) = p.split_once(',').expect("coord");
-            let _ = write!(svg, r#"<circle cx="{x}" cy="{y}" r="3" fill="{c}"/>"#);
-        }
-    }
-}
-
 /// Writes `out` (SVG) for the given run directories.
 pub fn plot(runs: &[&Path], out: &Path) -> Result<()> {
     let series: Vec<Series> = runs.iter().map(|d| load(d)).collect::<Result<_>>()?;
@@ -87,10 +39,12 @@ pub fn plot(runs: &[&Path], out: &Path) -> Result<()> {
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="980" height="{height}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>"#,
     );
-    let acc: Vec<(&str, &[(f64, f64)])> = series.iter().map(|s| (s.label.as_str(), s.acc.as_slice())).collect();
-    let rew: Vec<(&str, &[(f64, f64)])> = series.iter().map(|s| (s.label.as_str(), s.reward.as_slice())).collect();
-    panel(&mut svg, 0.0, "held-out greedy accuracy", &acc, x_max);
-    panel(&mut svg, 490.0, "mean reward of root samples", &rew, x_max);
+    // One run per line: curves without a band.
+    let curves = |f: fn(&Series) -> &[(f64, f64)]| -> Vec<Curve> {
+        series.iter().map(|s| f(s).iter().map(|&(x, y)| (x, y, y, y)).collect()).collect()
+    };
+    panel(&mut svg, 0.0, "held-out greedy accuracy", &curves(|s| &s.acc), x_max);
+    panel(&mut svg, 490.0, "mean reward of root samples", &curves(|s| &s.reward), x_max);
     // Legend: three entries a row, inside the canvas however many runs there are.
     for (i, s) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];

@@ -225,10 +225,13 @@ pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+/// Line colours, one per arm or run.
+pub(crate) const COLORS: [&str; 8] =
+    ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
-/// Mean and band (mean ± 95% half-width, or min–max for fewer than 2 seeds) per x.
-type Curve = Vec<(f64, f64, f64, f64)>;
+/// Points (x, mean, band low, band high); the band is mean ± the 95% half-width (none for one
+/// seed).
+pub(crate) type Curve = Vec<(f64, f64, f64, f64)>;
 
 fn curve(points: &[Vec<(f64, f64)>]) -> Curve {
     let mut by_x: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
@@ -247,7 +250,8 @@ fn curve(points: &[Vec<(f64, f64)>]) -> Curve {
         .collect()
 }
 
-fn panel(svg: &mut String, x0: f64, title: &str, curves: &[(String, Curve)], x_max: f64) {
+/// One plot panel at horizontal offset `x0`: axes, grid, and per curve its band, line and points.
+pub(crate) fn panel(svg: &mut String, x0: f64, title: &str, curves: &[Curve], x_max: f64) {
     let (w, h, left, top) = (400.0, 240.0, x0 + 50.0, 40.0);
     let _ = write!(svg, r#"<text x="{left}" y="24" font-size="14" font-weight="bold">{}</text>"#, escape(title));
     let _ = write!(svg, r##"<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>"##);
@@ -280,9 +284,9 @@ fn panel(svg: &mut String, x0: f64, title: &str, curves: &[(String, Curve)], x_m
     );
     let px = |x: f64| left + w * x / xm;
     let py = |y: f64| top + h - h * y.clamp(0.0, 1.0);
-    for (i, (_, c)) in curves.iter().enumerate() {
+    for (i, c) in curves.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        if c.len() > 1 {
+        if c.len() > 1 && c.iter().any(|p| p.3 > p.2) {
             let upper = c.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.3)));
             let lower = c.iter().rev().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.2)));
             let band: Vec<String> = upper.chain(lower).collect();
@@ -291,6 +295,8 @@ fn panel(svg: &mut String, x0: f64, title: &str, curves: &[(String, Curve)], x_m
                 r#"<polygon fill="{color}" fill-opacity="0.15" stroke="none" points="{}"/>"#,
                 band.join(" ")
             );
+        }
+        if c.len() > 1 {
             let line: Vec<String> = c.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1))).collect();
             let _ =
                 write!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, line.join(" "));
@@ -304,15 +310,15 @@ fn panel(svg: &mut String, x0: f64, title: &str, curves: &[(String, Curve)], x_m
 /// The SVG of one setting: held-out accuracy and the root samples' accuracy per iteration, mean
 /// line and 95% band over seeds per arm.
 pub fn plot(setting: &str, arms: &[Arm]) -> String {
-    let held: Vec<(String, Curve)> = arms
+    let held: Vec<Curve> = arms
         .iter()
         .map(|a| {
             let pts: Vec<Vec<(f64, f64)>> =
                 a.runs.iter().map(|r| r.heldout.iter().map(|(&i, &v)| (i as f64, v)).collect()).collect();
-            (a.name.clone(), curve(&pts))
+            curve(&pts)
         })
         .collect();
-    let train: Vec<(String, Curve)> = arms
+    let train: Vec<Curve> = arms
         .iter()
         .map(|a| {
             let pts: Vec<Vec<(f64, f64)>> = a
@@ -320,10 +326,10 @@ pub fn plot(setting: &str, arms: &[Arm]) -> String {
                 .iter()
                 .map(|r| r.rows.iter().map(|m| ((m.iteration + 1) as f64, m.accuracy)).collect())
                 .collect();
-            (a.name.clone(), curve(&pts))
+            curve(&pts)
         })
         .collect();
-    let x_max = held.iter().chain(&train).flat_map(|c| c.1.iter().map(|p| p.0)).fold(1.0, f64::max);
+    let x_max = held.iter().chain(&train).flat_map(|c| c.iter().map(|p| p.0)).fold(1.0, f64::max);
     let rows = arms.len().div_ceil(4);
     let height = 330.0 + 18.0 * rows as f64;
     let mut svg = format!(

@@ -95,3 +95,43 @@ pub fn write_adapter(model: &Path, name: &str, rank: usize, b: f32, seed: u64) -
     LoraAdapterFile { architecture: "llama".into(), alpha: 2.0 * rank as f32, tensors }.write(&path).unwrap();
     path
 }
+
+/// The newline token of the scripted policies (steps are a state token and a newline).
+pub const SCRIPT_NL: i32 = 10;
+/// The one-token prompt the scripted policies give a text prompt.
+pub const SCRIPT_PROMPT: i32 = 100;
+
+/// A scripted policy's view of a request: the context (prompt plus inherited prefix) and the
+/// prompt length; any non-token prompt is the one-token prompt [`SCRIPT_PROMPT`].
+pub fn script_context(r: &gpo::engine::GenerateRequest) -> (std::sync::Arc<Vec<i32>>, usize) {
+    match &r.prompt {
+        gpo::engine::Prompt::Tokens(t) => (std::sync::Arc::new(t.clone()), r.prompt_len.unwrap_or(t.len())),
+        _ => (std::sync::Arc::new(vec![SCRIPT_PROMPT]), 1),
+    }
+}
+
+/// A scripted trajectory: `tokens` are (state, newline) pairs, one step each.
+pub fn script_trajectory(
+    id: u64,
+    context: std::sync::Arc<Vec<i32>>,
+    prompt_len: usize,
+    tokens: Vec<i32>,
+    text: String,
+) -> gpo::engine::Trajectory {
+    let steps = (0..tokens.len() / 2).map(|k| gpo::engine::StepSpan { start: 2 * k, end: 2 * k + 2 }).collect();
+    gpo::engine::Trajectory {
+        id,
+        request: 0,
+        index: 0,
+        context,
+        prompt_len,
+        logprobs: vec![-1.0; tokens.len()],
+        tokens,
+        text,
+        steps,
+        adapter_version: 0,
+        temperature: 1.0,
+        finish: gpo::engine::FinishReason::Eog,
+        origin: None,
+    }
+}
