@@ -146,9 +146,9 @@ pub fn table(arms: &[Arm]) -> String {
         let _ = write!(s, " {} |", if *it == 0 { "held-out before".to_string() } else { format!("after {it}") });
     }
     s.push_str(
-        " tokens generated per run | probe share | trained / tokens with a signal | sequences trained | probes per analysis | minutes per run |\n|---|---|",
+        " tokens generated per run | prompts per run | probe share | trained / tokens with a signal | sequences trained | probes per analysis | minutes per run |\n|---|---|",
     );
-    s.push_str(&"---|".repeat(evals.len() + 6));
+    s.push_str(&"---|".repeat(evals.len() + 7));
     s.push('\n');
     for a in arms {
         let sum = |f: &dyn Fn(&MetricsRow) -> f64| -> Vec<f64> {
@@ -162,6 +162,7 @@ pub fn table(arms: &[Arm]) -> String {
         let probes = sum(&|r| r.collect.probes as f64);
         let analysed = sum(&|r| r.collect.analysed as f64);
         let seqs = sum(&|r| r.train_sequences as f64);
+        let prompts = sum(&|r| r.collect.prompts as f64);
         let minutes = sum(&|r| r.seconds / 60.0);
         let seeds: Vec<String> = a.runs.iter().map(|r| r.seed.to_string()).collect();
         let _ = write!(s, "| `{}` | {} |", a.name, seeds.join(", "));
@@ -172,8 +173,9 @@ pub fn table(arms: &[Arm]) -> String {
         let ratio = |x: f64, y: f64| if y > 0.0 { format!("{:.0}%", 100.0 * x / y) } else { "–".into() };
         let _ = writeln!(
             s,
-            " {:.0} | {} | {} | {:.0} | {} | {:.0} |",
+            " {:.0} | {:.0} | {} | {} | {:.0} | {} | {:.0} |",
             mean(total.clone()),
+            mean(prompts),
             ratio(probe.iter().sum(), total.iter().sum()),
             ratio(trained.iter().sum(), signal.iter().sum()),
             mean(seqs),
