@@ -168,7 +168,14 @@ pub fn table(arms: &[Arm]) -> String {
         let _ = write!(s, "| `{}` | {} |", a.name, seeds.join(", "));
         for it in &evals {
             let v: Vec<f64> = a.runs.iter().map(|r| r.heldout[it]).collect();
-            let _ = write!(s, " {} |", pct(mean_ci(&v)));
+            // With few seeds the t-interval is wide (t = 12.7 for two): show each seed too.
+            let each = if *it > 0 && v.len() > 1 && v.len() <= 5 {
+                let per: Vec<String> = v.iter().map(|x| format!("{:.0}", 100.0 * x)).collect();
+                format!(" ({})", per.join(", "))
+            } else {
+                String::new()
+            };
+            let _ = write!(s, " {}{each} |", pct(mean_ci(&v)));
         }
         let ratio = |x: f64, y: f64| if y > 0.0 { format!("{:.0}%", 100.0 * x / y) } else { "–".into() };
         let _ = writeln!(
