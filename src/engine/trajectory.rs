@@ -65,6 +65,11 @@ impl Trajectory {
         self.context[self.prompt_len..].iter().chain(&self.tokens).copied().collect()
     }
 
+    /// The generated tokens of each step, in order (the edges of the trajectory's tree path).
+    pub fn step_tokens(&self) -> Vec<&[Token]> {
+        self.steps.iter().map(|s| &self.tokens[s.start..s.end]).collect()
+    }
+
     /// Sum of the generated tokens' log-probs.
     pub fn total_logprob(&self) -> f64 {
         self.logprobs.iter().map(|&l| l as f64).sum()

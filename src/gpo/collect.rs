@@ -186,10 +186,6 @@ pub struct Collector<'a> {
     pub budget: Option<u64>,
 }
 
-fn steps_of(t: &Trajectory) -> Vec<&[i32]> {
-    t.steps.iter().map(|s| &t.tokens[s.start..s.end]).collect()
-}
-
 fn ids(v: &[i32]) -> Vec<u32> {
     v.iter().map(|&t| t as u32).collect()
 }
@@ -322,7 +318,7 @@ impl Collector<'_> {
                 st.root_tokens += t.tokens.len() as u64;
                 st.root_reward_sum += reward;
                 st.root_correct += u64::from(reward >= 0.5);
-                trees[p].insert(Tree::ROOT, &steps_of(&t), reward);
+                trees[p].insert(Tree::ROOT, &t.step_tokens(), reward);
                 samples.push(Sample { t, reward, prompt: p, node: Tree::ROOT, purpose: Purpose::Root, analysis: None });
             }
         }
@@ -477,7 +473,7 @@ impl Collector<'_> {
                     let reward = self.reward(&tasks[a.tree], &t);
                     out.stats.reset_rollouts += 1;
                     out.stats.reset_tokens += t.tokens.len() as u64;
-                    trees[a.tree].insert(a.path[m], &steps_of(&t), reward);
+                    trees[a.tree].insert(a.path[m], &t.step_tokens(), reward);
                     samples.push(Sample {
                         t,
                         reward,

@@ -110,8 +110,7 @@ impl Analysis {
         bounds.extend(t.steps.iter().map(|s| s.end));
         let mut path = vec![start];
         let mut cur = start;
-        for s in &t.steps {
-            let edge = &t.tokens[s.start..s.end];
+        for edge in t.step_tokens() {
             cur = tree.nodes[cur]
                 .children
                 .iter()
@@ -143,11 +142,6 @@ impl Analysis {
     /// Steps K.
     pub fn steps(&self) -> usize {
         self.bounds.len() - 1
-    }
-
-    /// True once the search has finished (or was cut).
-    pub fn finished(&self) -> bool {
-        self.done
     }
 
     fn count(&self, tr: &Tree, i: usize) -> usize {
@@ -328,8 +322,7 @@ pub fn search(
             for t in ts {
                 let reward = host.score(p.analysis, &t)?;
                 let a = &mut analyses[p.analysis];
-                let steps: Vec<&[i32]> = t.steps.iter().map(|s| &t.tokens[s.start..s.end]).collect();
-                trees[a.tree].insert(a.path[p.prefix], &steps, reward);
+                trees[a.tree].insert(a.path[p.prefix], &t.step_tokens(), reward);
                 a.drawn[p.prefix].push(drawn.len());
                 drawn.push(Drawn { analysis: p.analysis, prefix: p.prefix, traj: t, reward });
             }
@@ -393,10 +386,9 @@ pub fn estimate(
     mode: CriticalMode,
     score: &mut dyn FnMut(&Trajectory) -> Result<f64>,
 ) -> Result<StepValues> {
-    let own: Vec<&[i32]> = traj.steps.iter().map(|s| &traj.tokens[s.start..s.end]).collect();
     let reward = score(traj)?;
     let mut trees = vec![Tree::new()];
-    trees[0].insert(Tree::ROOT, &own, reward);
+    trees[0].insert(Tree::ROOT, &traj.step_tokens(), reward);
     trees[0].nodes[Tree::ROOT].value = Default::default(); // it was not sampled from s_0 by us
     let mut analyses = vec![Analysis::new(0, &trees[0], Tree::ROOT, traj, reward, mode)];
     let mut host = Single { src: rollouts, traj, sampling, steps, score };
