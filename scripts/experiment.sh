@@ -8,7 +8,7 @@
 #
 #   scripts/experiment.sh              # everything missing, then the report
 #   scripts/experiment.sh --report     # only the report
-#   SETTINGS="one-step" SEEDS="1 2" scripts/experiment.sh   # a subset
+#   SETTINGS="one-step" SEEDS="1 2" ARMS="gpo grpo" scripts/experiment.sh   # a subset
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
@@ -19,8 +19,8 @@ if [ -z "${GPO_BIN:-}" ]; then
 fi
 
 plan() { # setting|seeds|arms, in order of importance: every arm of a seed before the next seed
-  echo "one-step|${SEEDS:-1 2 3}|gpo grpo random-reset gpo-paper gpo-root-term"
-  echo "two-step|${SEEDS_HARD:-1 2}|gpo grpo random-reset"
+  echo "one-step|${SEEDS:-1 2 3}|gpo grpo random-reset gpo-paper gpo-share gpo-root-term"
+  echo "two-step|${SEEDS_HARD:-1 2}|gpo grpo random-reset gpo-share"
 }
 
 if [ "${1:-}" != "--report" ]; then
@@ -28,6 +28,7 @@ if [ "${1:-}" != "--report" ]; then
     case " ${SETTINGS:-one-step two-step} " in *" $setting "*) ;; *) continue ;; esac
     for seed in $seeds; do
       for arm in $arms; do
+        case " ${ARMS:-$arms} " in *" $arm "*) ;; *) continue ;; esac
         cfg="configs/experiment/$setting/$arm.toml"
         done_dir="docs/experiment/$setting/$arm/seed-$seed"
         want=$(sed -n 's/^iterations *= *\([0-9]*\).*/\1/p' "$cfg")

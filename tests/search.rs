@@ -298,3 +298,34 @@ fn no_mode_overspends_its_budget_by_more_than_one_probe_or_wave() {
     assert_eq!((out.stats.analysed, out.stats.cut, out.stats.reset_rollouts), (1, 1, 0));
     assert_eq!(out.stats.trained_tokens() + out.stats.zero_signal_tokens, out.stats.total_tokens());
 }
+
+#[test]
+fn the_analysis_share_caps_probes_and_resets_and_returns_the_rest_to_roots() {
+    let verifier = Verifier::new(&VerifierConfig::Numeric).unwrap();
+    for mode in ["gpo", "gpo-ppo", "random-reset", "gpo-dpo"] {
+        for budget in [700u64, 2000, 5000] {
+            let run = |share: f64| {
+                let mut c = cfg(mode);
+                c.value.share = share;
+                let policy = Cliff::new(0.5);
+                let collector =
+                    Collector { engine: &policy, verifier: &verifier, cfg: &c, iteration: 0, budget: Some(budget) };
+                let out = collector.iteration(&mut || vec![task()], &mut || false).unwrap();
+                assert!(out.stats.total_tokens() >= budget, "{mode} share {share}: the budget is spent");
+                assert!(out.stats.total_tokens() <= budget + slack(&c), "{mode} share {share}: overspent");
+                out.stats
+            };
+            let (capped, free) = (run(0.3), run(1.0));
+            let analysis = capped.value_tokens + capped.reset_tokens;
+            assert!(analysis as f64 <= 0.3 * budget as f64, "{mode} {budget}: analyses spent {analysis}");
+            assert!(capped.prompts >= free.prompts, "{mode} {budget}: {} < {} prompts", capped.prompts, free.prompts);
+            if budget >= 2000 {
+                assert!(capped.prompts > free.prompts, "{mode} {budget}: the cap returns tokens to roots");
+                assert!(analysis > 0, "{mode} {budget}: the cap still leaves room for analyses");
+            }
+        }
+    }
+    let mut c = cfg("gpo");
+    c.value.share = 0.0;
+    assert!(c.validate().unwrap_err().to_string().contains("value.share"));
+}

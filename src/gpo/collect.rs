@@ -233,8 +233,8 @@ impl ProbeHost for LoopHost<'_, '_> {
         Ok(self.c.reward(&self.tasks[self.prompts[analysis]], t))
     }
 
-    fn admit(&mut self, _probe: &Probe, pending: usize) -> bool {
-        self.c.admits(self.stats, pending)
+    fn admit(&mut self, probe: &Probe, pending: usize) -> bool {
+        self.c.admits(self.stats, pending, probe.n)
     }
 }
 
@@ -254,9 +254,20 @@ impl Collector<'_> {
         self.verifier.score(&task.prompt, &t.text, &task.answer) as f64
     }
 
-    /// Whether the budget admits more rollouts on top of `pending` admitted in this round.
-    fn admits(&self, st: &CollectStats, pending: usize) -> bool {
-        self.budget.is_none_or(|b| st.total_tokens() + ((pending * self.cfg.rollout.max_tokens) as u64) < b)
+    /// Whether the budget admits `n` more probe or reset rollouts on top of `pending` admitted
+    /// in this round: the iteration's budget (which the last admitted request may overrun), and
+    /// the share of it that analyses may spend (which none may).
+    fn admits(&self, st: &CollectStats, pending: usize, n: usize) -> bool {
+        let mt = self.cfg.rollout.max_tokens;
+        self.budget.is_none_or(|b| {
+            st.total_tokens() + ((pending * mt) as u64) < b && self.within_share(st, ((pending + n) * mt) as u64, b)
+        })
+    }
+
+    /// Whether analyses' tokens (probes and resets) plus `pending` stay within `value.share` of
+    /// budget `b`.
+    fn within_share(&self, st: &CollectStats, pending: u64, b: u64) -> bool {
+        (st.value_tokens + st.reset_tokens + pending) as f64 <= self.cfg.value.share * b as f64
     }
 
     /// Submits all requests at once (they share batches) and waits for all.
@@ -343,6 +354,11 @@ impl Collector<'_> {
     ) -> Result<Vec<Analysis>> {
         let cfg = self.cfg;
         let (it, w) = (self.iteration as u64, wave as u64);
+        // The analyses' share of the budget cannot pay for one more probe: roots only from here.
+        let probe = (cfg.value.rollouts.max(cfg.continuations()).max(1) * cfg.rollout.max_tokens) as u64;
+        if self.budget.is_some_and(|b| cfg.value.share < 1.0 && !self.within_share(&out.stats, probe, b)) {
+            return Ok(Vec::new());
+        }
         // Roots by prompt, as sample indices.
         let mut by_prompt: Vec<Vec<usize>> = vec![Vec::new(); tasks.len()];
         for (i, s) in samples.iter().enumerate() {
@@ -453,7 +469,7 @@ impl Collector<'_> {
                 } else {
                     continue;
                 };
-                if !self.admits(&out.stats, pending) {
+                if !self.admits(&out.stats, pending, k) {
                     continue;
                 }
                 pending += k;

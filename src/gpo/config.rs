@@ -181,6 +181,10 @@ pub struct ValueSection {
     /// Adaptive: also settled when the ~95% Hoeffding half-width is below this (0 = only
     /// unanimous samples settle). Default 0.
     pub adaptive_tol: f64,
+    /// The most of an iteration's token budget that probes and resets may spend, in (0, 1].
+    /// Once it is spent, the iteration's remaining waves sample roots only, so analyses never
+    /// crowd out prompts. Default 1 (no cap beyond the budget itself).
+    pub share: f64,
 }
 
 impl Default for ValueSection {
@@ -195,6 +199,7 @@ impl Default for ValueSection {
             adaptive: false,
             adaptive_min: 2,
             adaptive_tol: 0.0,
+            share: 1.0,
         }
     }
 }
@@ -439,6 +444,9 @@ impl RunConfig {
         }
         if self.mode.uses_values() && self.value.rollouts == 0 {
             return bad("value.rollouts", "must be at least 1");
+        }
+        if !(self.value.share > 0.0 && self.value.share <= 1.0) {
+            return bad("value.share", "must be in (0, 1]");
         }
         if self.value.adaptive && self.value.search != Search::Dense {
             return bad("value.adaptive", "settles prefixes of the dense search: set value.search = \"dense\"");
