@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Drives a GPO run through gpod from the shell (socat): queues the run configuration, then streams
-# the job's progress events until it ends. Relative paths in the configuration are taken relative
-# to its file, as `gpo train --config` does.
+# the job's progress events until it ends. The run writes to the daemon's runs root (gpod
+# --runs-dir), in a directory named after the last component of the configuration's `output`;
+# model and task files, if named, are looked up in the daemon's models root.
 #   scripts/gpod-train.sh configs/quick.toml [/tmp/gpo.sock]
 set -euo pipefail
 config=${1:?usage: scripts/gpod-train.sh run.toml [socket]}
 sock=${2:-/tmp/gpo.sock}
 request=$(python3 - "$config" <<'PY'
-import json, os, sys
-path = os.path.abspath(sys.argv[1])
-print(json.dumps({"v": 1, "id": 1, "op": "train", "config": open(path).read(), "base": os.path.dirname(path)}))
+import json, os, sys, tomllib
+text = open(sys.argv[1]).read()
+name = os.path.basename(os.path.normpath(tomllib.loads(text)["output"]))
+print(json.dumps({"v": 1, "id": 1, "op": "train", "config": text, "output": name}))
 PY
 )
 reply=$(printf '%s\n' "$request" | socat -t 30 - "UNIX-CONNECT:$sock")

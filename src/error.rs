@@ -12,11 +12,10 @@ pub enum Error {
     #[error("file not found: {0} (check the path, or run the setup command in the README to fetch the default model)")]
     NotFound(PathBuf),
 
-    /// The file exists but is not a GGUF file (bad magic).
-    #[error(
-        "{path} is not a GGUF file (its first bytes are {magic:?}, expected \"GGUF\"); pass a llama.cpp GGUF model"
-    )]
-    NotGguf { path: PathBuf, magic: String },
+    /// The file exists but is not a GGUF file (bad magic, or not a regular file). The message
+    /// never quotes the file's contents (gpod returns it to clients).
+    #[error("{path} is not a GGUF file ({why}); pass a llama.cpp GGUF model")]
+    NotGguf { path: PathBuf, why: &'static str },
 
     /// llama.cpp refused to load the model; `reason` is llama.cpp's own last error line.
     #[error("llama.cpp could not load the model {path}: {reason}")]

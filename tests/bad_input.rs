@@ -29,6 +29,14 @@ fn model_files_that_are_missing_not_gguf_truncated_or_unknown() {
     let e = start(&text).err().unwrap();
     assert!(matches!(e, Error::NotGguf { .. }), "{e}");
     assert!(e.to_string().contains("not a GGUF file"));
+    assert!(!e.to_string().contains("hell"), "the error never quotes the file: {e}");
+
+    // A FIFO is refused without opening it (opening one blocks until a writer comes).
+    let fifo = scratch("fifo.gguf");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = start(&fifo).err().unwrap();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
 
     let empty = scratch("empty.gguf");
     std::fs::write(&empty, b"").unwrap();

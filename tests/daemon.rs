@@ -25,17 +25,33 @@ impl Drop for Daemon {
     }
 }
 
+/// Where the tests' daemons let clients read models (the tiny models live there).
+fn models_root() -> PathBuf {
+    tiny_model("llama").parent().unwrap().to_path_buf()
+}
+
+/// Where the tests' daemons let clients' runs write.
+fn runs_root() -> PathBuf {
+    scratch("runs")
+}
+
 fn start(name: &str, model: Option<&Path>, state: &Path) -> Daemon {
-    let socket = scratch(&format!("{name}.sock"));
+    start_at(&scratch(&format!("{name}.sock")), model, state, &[])
+}
+
+fn start_at(socket: &Path, model: Option<&Path>, state: &Path, args: &[&str]) -> Daemon {
+    let socket = socket.to_path_buf();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpod"));
     cmd.arg("--socket").arg(&socket).arg("--state-dir").arg(state).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.arg("--models-dir").arg(models_root()).arg("--runs-dir").arg(runs_root()).args(args);
     if let Some(m) = model {
         cmd.arg("--model").arg(m);
     }
-    let child = cmd.spawn().expect("start gpod");
+    let mut child = cmd.spawn().expect("start gpod");
     let t0 = Instant::now();
     while Client::connect(&socket).is_err() {
         assert!(t0.elapsed() < Duration::from_secs(60), "gpod did not come up");
+        assert!(child.try_wait().unwrap().is_none(), "gpod exited");
         std::thread::sleep(Duration::from_millis(20));
     }
     Daemon { child, socket }
@@ -186,20 +202,23 @@ fn a_storm_of_random_messages_never_takes_the_daemon_down() {
     ok(&Client::connect(&d.socket).unwrap().call(json!({"op": "status"})).unwrap());
 }
 
+/// A run's configuration; `out` is relative to the daemon's runs root.
 fn train_config(out: &Path, iterations: usize) -> String {
     format!(
         "mode = \"gpo\"\niterations = {iterations}\noutput = \"{}\"\nmodel = \"{}\"\nseed = 4\n[tasks]\ntrain_count = 16\neval_count = 2\n[rollout]\nprompts = 2\ngroup_size = 4\nmax_tokens = 24\n[value]\nrollouts = 2\n[verifier]\nkind = \"regex\"\npattern = \"x\"\n[train]\nrank = 2\nalpha = 4.0\nlr = 5e-3\n[eval]\nmax_tokens = 4\n[engine]\nparallel = 8\nctx_per_sequence = 256\n",
         out.display(),
-        tiny_model("llama").display()
+        tiny_model("llama").file_name().unwrap().to_str().unwrap()
     )
 }
 
 #[test]
 fn training_jobs_stream_progress_and_a_shell_client_drives_them() {
     let d = start("train", Some(&tiny_model("llama")), &scratch("st-train"));
-    let out = scratch("job-run");
+    let out = runs_root().join("job-run");
     let mut c = Client::connect(&d.socket).unwrap();
-    let job = ok(&c.call(json!({"op": "train", "config": train_config(&out, 2)})).unwrap())["id"].as_u64().unwrap();
+    let job = ok(&c.call(json!({"op": "train", "config": train_config(Path::new("job-run"), 2)})).unwrap())["id"]
+        .as_u64()
+        .unwrap();
     let mut events = Vec::new();
     let done = c.call_with(json!({"op": "subscribe", "job": job}), |e| events.push(e.clone())).unwrap();
     assert_eq!(ok(&done)["state"], json!("done"), "{done}");
@@ -218,12 +237,12 @@ fn training_jobs_stream_progress_and_a_shell_client_drives_them() {
     let line: Value = serde_json::from_slice(&socat.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&socat.stdout)));
     assert_eq!(ok(&line)["jobs"][0]["state"], json!("done"));
-    // A whole run driven by the README's shell client; its relative output is taken relative to
-    // the configuration file, as `gpo train --config` does.
+    // A whole run driven by the README's shell client; the run lands in the daemon's runs root
+    // under its output's last component.
     let dir = scratch("shell-run");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("run.toml");
-    std::fs::write(&cfg, train_config(Path::new("out"), 2)).unwrap();
+    std::fs::write(&cfg, train_config(Path::new("../somewhere/shell-out"), 2)).unwrap();
     let shell = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpod-train.sh"))
         .arg(&cfg)
         .arg(&d.socket)
@@ -236,16 +255,16 @@ fn training_jobs_stream_progress_and_a_shell_client_drives_them() {
     assert_eq!(finished.len(), 2, "a progress event with metrics per iteration: {stdout}");
     assert!(finished.iter().all(|m| m["seconds"].as_f64().unwrap() > 0.0), "timings are reported: {stdout}");
     assert_eq!(ok(lines.last().unwrap())["state"], json!("done"), "{stdout}");
-    assert_eq!(gpo::gpo::read_metrics(&dir.join("out")).unwrap().len(), 2);
+    assert_eq!(gpo::gpo::read_metrics(&runs_root().join("shell-out")).unwrap().len(), 2);
 }
 
 #[test]
 fn sigterm_stops_cleanly_and_kill_9_mid_training_resumes_after_restart() {
     let state = scratch("st-crash");
-    let out = scratch("crash-run");
+    let out = runs_root().join("crash-run");
     let d = start("crash", Some(&tiny_model("llama")), &state);
     let mut c = Client::connect(&d.socket).unwrap();
-    ok(&c.call(json!({"op": "train", "config": train_config(&out, 5)})).unwrap());
+    ok(&c.call(json!({"op": "train", "config": train_config(Path::new("crash-run"), 5)})).unwrap());
     // Kill -9 once the first iteration is committed.
     let t0 = Instant::now();
     while gpo::gpo::read_metrics(&out).map_or(0, |m| m.len()) < 1 {
@@ -264,6 +283,13 @@ fn sigterm_stops_cleanly_and_kill_9_mid_training_resumes_after_restart() {
     assert_eq!(ok(&done)["state"], json!("done"), "{done}");
     let rows = gpo::gpo::read_metrics(&out).unwrap();
     assert_eq!(rows.iter().map(|r| r.iteration).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4], "each iteration once");
+    // Job ids continue past every job the state directory has held; a cancel is persisted at
+    // once, so a restart does not resume the cancelled job.
+    let second = ok(&c2.call(json!({"op": "train", "config": train_config(Path::new("crash-2"), 50)})).unwrap())["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(second, 2);
+    assert_eq!(ok(&c2.call(json!({"op": "cancel", "target": {"job": 2}})).unwrap())["cancelled"], json!(1));
     // SIGTERM: the daemon exits by itself and removes its socket.
     let mut d2 = d2;
     unsafe { libc::kill(d2.child.id() as i32, libc::SIGTERM) };
@@ -277,4 +303,174 @@ fn sigterm_stops_cleanly_and_kill_9_mid_training_resumes_after_restart() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!d2.socket.exists());
+    // A third start: the cancelled job stays cancelled, and ids still do not repeat.
+    let d3 = start("crash", Some(&tiny_model("llama")), &state);
+    let mut c3 = Client::connect(&d3.socket).unwrap();
+    assert_eq!(ok(&c3.call(json!({"op": "status"})).unwrap())["jobs"], json!([]), "nothing resumed");
+    let third = ok(&c3.call(json!({"op": "train", "config": train_config(Path::new("crash-3"), 50)})).unwrap())["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(third, 3, "ids are unique across restarts");
+    ok(&c3.call(json!({"op": "cancel", "target": {"job": 3}})).unwrap());
+}
+
+#[test]
+fn command_verifier_refused_by_default() {
+    let d = start("cmd", Some(&tiny_model("llama")), &scratch("st-cmd"));
+    let mut c = Client::connect(&d.socket).unwrap();
+    let witness = scratch("cmd-ran");
+    let t = ok(&c.call(json!({"op": "generate", "prompt": "q", "sampling": {"max_tokens": 4}})).unwrap())
+        ["trajectories"][0]["id"]
+        .clone();
+    let verifier = json!({"kind": "command", "command": ["touch", witness]});
+    let r = c.call(json!({"op": "values", "trajectory": t, "answer": "1", "verifier": verifier})).unwrap();
+    assert!(r["error"]["message"].as_str().unwrap().contains("command verifiers are disabled"), "{r}");
+    let cfg = format!(
+        "{}[verifier]\nkind = \"command\"\ncommand = [\"touch\", \"{}\"]\n",
+        train_config(Path::new("cmd-run"), 1).split("[verifier]").next().unwrap(),
+        witness.display()
+    );
+    let r = c.call(json!({"op": "train", "config": cfg})).unwrap();
+    assert!(r["error"]["message"].as_str().unwrap().contains("disabled"), "{r}");
+    assert!(!witness.exists(), "nothing ran");
+    assert!(!runs_root().join("cmd-run").exists(), "nothing was written");
+}
+
+#[test]
+fn output_escaping_refused() {
+    let d = start("paths", Some(&tiny_model("llama")), &scratch("st-paths"));
+    let mut c = Client::connect(&d.socket).unwrap();
+    let outside = scratch("outside-run");
+    for output in [outside.to_str().unwrap(), "../outside-run", "a/../../outside-run"] {
+        let r = c.call(json!({"op": "train", "config": train_config(Path::new(output), 1)})).unwrap();
+        assert_eq!(r["error"]["code"], json!("invalid"), "{output}: {r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains("output"), "{output}: {r}");
+        let r = c.call(json!({"op": "train", "config": train_config(Path::new("in"), 1), "output": output})).unwrap();
+        assert_eq!(r["error"]["code"], json!("invalid"), "{output}: {r}");
+    }
+    assert!(!outside.exists(), "no directory was created outside the runs root");
+    let r = c.call(json!({"op": "train", "config": train_config(Path::new("x"), 1), "base": "/"})).unwrap();
+    assert!(r["error"]["message"].as_str().unwrap().contains("base"), "{r}");
+    // A model outside the models root, and one whose path escapes through a link.
+    for model in ["/etc/passwd", "../st-paths/jobs", "escape/passwd"] {
+        let _ = std::os::unix::fs::symlink("/etc", models_root().join("escape"));
+        let r = c.call(json!({"op": "load", "model": model})).unwrap();
+        assert_eq!(r["error"]["code"], json!("invalid"), "{model}: {r}");
+    }
+    // A file inside the root that is not a model: the error does not quote it.
+    std::fs::write(models_root().join("secret.gguf"), "root:x:0:0").unwrap();
+    let r = c.call(json!({"op": "load", "model": "secret.gguf"})).unwrap();
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("not a GGUF file") && !msg.contains("root:"), "{r}");
+}
+
+#[test]
+fn foreign_owned_state_dir_refused() {
+    let refused = |state: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gpod"))
+            .arg("--socket")
+            .arg(scratch("foreign.sock"))
+            .arg("--state-dir")
+            .arg(state)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let open = scratch("st-world-writable");
+    std::fs::create_dir_all(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = refused(&open);
+    assert!(e.contains("other users"), "{e}");
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped the foreign-owner case: it needs root to chown a directory to another user");
+        return;
+    }
+    let foreign = scratch("st-foreign");
+    std::fs::create_dir_all(foreign.join("jobs")).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    let e = refused(&foreign);
+    assert!(e.contains("owned by uid 65534"), "{e}");
+}
+
+#[test]
+fn ids_unique_after_load() {
+    let d = start("ids", Some(&tiny_model("llama")), &scratch("st-ids"));
+    let mut c = Client::connect(&d.socket).unwrap();
+    let gen = |c: &mut Client, prompt: &str| -> Vec<Value> {
+        ok(&c
+            .call(json!({"op": "generate", "prompt": prompt, "n": 2, "sampling": {"max_tokens": 6, "seed": 3}}))
+            .unwrap())["trajectories"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let before = gen(&mut c, "first prompt");
+    let name = tiny_model("llama-peaked").file_name().unwrap().to_str().unwrap().to_string();
+    ok(&c.call(json!({"op": "load", "model": name})).unwrap());
+    let after = gen(&mut c, "another prompt, with many more words than the first one had");
+    let ids: Vec<u64> = before.iter().chain(&after).map(|t| t["id"].as_u64().unwrap()).collect();
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "ids repeat after load: {ids:?}");
+    // A fork of an old id continues that trajectory, not a newer one.
+    let f = ok(&c.call(json!({"op": "fork", "trajectory": ids[0], "at": 2, "sampling": {"max_tokens": 2}})).unwrap())
+        ["trajectories"][0]
+        .clone();
+    let context = |t: &Value| t["context_tokens"].as_u64().unwrap();
+    let prompt = |t: &Value| t["prompt_tokens"].as_u64().unwrap();
+    assert_ne!(prompt(&before[0]), prompt(&after[0]));
+    assert_eq!(prompt(&f), prompt(&before[0]), "{f}");
+    assert_eq!(context(&f), prompt(&before[0]) + 2, "the prompt and the 2 tokens forked at: {f}");
+}
+
+#[test]
+fn another_uid_cannot_fork_or_cancel() {
+    let setpriv = Path::new("/usr/bin/setpriv");
+    if unsafe { libc::geteuid() } != 0 || !setpriv.exists() {
+        println!("skipped: acting as uid 65534 needs root and setpriv");
+        return;
+    }
+    // The socket in a directory uid 65534 can reach; the group lets it connect.
+    let socket = std::env::temp_dir().join(format!("gpo-uid-{}.sock", std::process::id()));
+    let conf = scratch("uid-gpod.toml");
+    std::fs::write(&conf, "allowed_uids = [65534]\ngroup = \"nogroup\"\n").unwrap();
+    let d = start_at(&socket, Some(&tiny_model("llama")), &scratch("st-uid"), &["--config", conf.to_str().unwrap()]);
+    let mut c = Client::connect(&d.socket).unwrap();
+    let t = ok(&c.call(json!({"op": "generate", "prompt": "mine", "sampling": {"max_tokens": 4}})).unwrap())
+        ["trajectories"][0]["id"]
+        .as_u64()
+        .unwrap();
+    let job = ok(&c.call(json!({"op": "train", "config": train_config(Path::new("uid-run"), 50)})).unwrap())["id"]
+        .as_u64()
+        .unwrap();
+    let as_nobody = |lines: &[Value]| -> Vec<Value> {
+        let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let mut child = Command::new(setpriv)
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "socat", "-t", "5", "-"])
+            .arg(format!("UNIX-CONNECT:{}", socket.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let replies = as_nobody(&[
+        json!({"v": 1, "id": 1, "op": "fork", "trajectory": t, "at": 1}),
+        json!({"v": 1, "id": 2, "op": "cancel", "target": {"job": job}}),
+        json!({"v": 1, "id": 3, "op": "status"}),
+        json!({"v": 1, "id": 4, "op": "subscribe", "job": job}),
+    ]);
+    assert_eq!(replies.len(), 4, "{replies:?}");
+    assert!(replies[0]["error"]["message"].as_str().unwrap().contains("unknown"), "{:?}", replies[0]);
+    assert_eq!(ok(&replies[1])["cancelled"], json!(0));
+    assert_eq!(ok(&replies[2])["jobs"], json!([]), "another user's jobs are not listed");
+    assert!(replies[3]["error"]["message"].as_str().unwrap().contains("unknown"), "{:?}", replies[3]);
+    // The owner still can.
+    assert_eq!(ok(&c.call(json!({"op": "cancel", "target": {"job": job}})).unwrap())["cancelled"], json!(1));
+    ok(&c.call(json!({"op": "fork", "trajectory": t, "at": 1, "sampling": {"max_tokens": 2}})).unwrap());
 }

@@ -18,9 +18,16 @@ struct Cli {
     /// Model to serve from the start (overrides the config).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Directory for queued jobs (overrides the config).
+    /// Directory for queued jobs (overrides the config; must belong to this user, not be
+    /// writable by others).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Root of the model, adapter and task files clients may name (overrides `[paths] models`).
+    #[arg(long)]
+    models_dir: Option<PathBuf>,
+    /// Root of the run directories clients' training jobs write (overrides `[paths] runs`).
+    #[arg(long)]
+    runs_dir: Option<PathBuf>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -52,6 +59,12 @@ fn main() {
     }
     if let Some(d) = cli.state_dir {
         cfg.state_dir = d;
+    }
+    if let Some(d) = cli.models_dir {
+        cfg.paths.models = d;
+    }
+    if let Some(d) = cli.runs_dir {
+        cfg.paths.runs = Some(d);
     }
     // SIGTERM / SIGINT: finish (or checkpoint) the current training step, then exit.
     // SAFETY: the handler only stores to an atomic.

@@ -6,5 +6,6 @@ pub mod client;
 pub mod protocol;
 pub mod server;
 pub mod socket;
+pub mod trust;
 
 pub use server::{serve, DaemonConfig};

@@ -16,7 +16,7 @@ use crate::task::Task;
 use crate::tree::CriticalMode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Protocol version.
 pub const VERSION: u64 = 1;
@@ -105,9 +105,10 @@ pub enum Op {
         answer: String,
         sampling: SamplingParams,
     },
-    /// Queue a GPO run (TOML config text; relative paths in it are taken relative to `base`,
-    /// an absolute directory, default the daemon's state directory).
-    Train { config: String, base: Option<PathBuf> },
+    /// Queue a GPO run (TOML config text). Its paths resolve inside the daemon's roots: the
+    /// output inside `[paths] runs`, model and task files inside `[paths] models`; `output`
+    /// overrides the config's output (as `gpo train --output` does).
+    Train { config: String, output: Option<PathBuf> },
     /// Held-out accuracy on the serving engine.
     Eval { tasks: Vec<Task>, max_tokens: usize },
     /// Cancel a request (by its id, on any connection of the same user) or a job.
@@ -348,10 +349,17 @@ pub fn parse_request(line: &str, limits: &Limits) -> Result<Request, ProtocolErr
         }
         "train" => Op::Train {
             config: string(&id, &o, "config")?,
-            base: match get(&o, "base") {
-                None => None,
-                Some(Value::String(b)) if Path::new(b).is_absolute() => Some(PathBuf::from(b)),
-                Some(_) => return Err(invalid(&id, "invalid", "base must be an absolute directory path")),
+            output: match (get(&o, "output"), get(&o, "base")) {
+                (_, Some(_)) => {
+                    return Err(invalid(
+                        &id,
+                        "invalid",
+                        "base is no longer accepted: a run's paths resolve inside the daemon's [paths] roots",
+                    ))
+                }
+                (None, None) => None,
+                (Some(Value::String(b)), None) => Some(PathBuf::from(b)),
+                (Some(_), None) => return Err(invalid(&id, "invalid", "output must be a string (a path)")),
             },
         },
         "eval" => {
@@ -407,6 +415,7 @@ pub fn event(id: &Value, kind: &str, data: Value) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::path::Path;
 
     fn p(s: &str) -> Result<Request, ProtocolError> {
         parse_request(s, &Limits::default())
@@ -451,11 +460,12 @@ mod tests {
             p(r#"{"v":1,"op":"values","trajectory":3,"answer":"5","verifier":{"kind":"exact"}}"#).unwrap().op,
             Op::Values { .. }
         ));
-        match p(r#"{"v":1,"op":"train","config":"x","base":"/srv/runs"}"#).unwrap().op {
-            Op::Train { base, .. } => assert_eq!(base.as_deref(), Some(Path::new("/srv/runs"))),
+        match p(r#"{"v":1,"op":"train","config":"x","output":"quick"}"#).unwrap().op {
+            Op::Train { output, .. } => assert_eq!(output.as_deref(), Some(Path::new("quick"))),
             o => panic!("{o:?}"),
         }
-        assert!(matches!(p(r#"{"v":1,"op":"train","config":"x"}"#).unwrap().op, Op::Train { base: None, .. }));
+        assert!(matches!(p(r#"{"v":1,"op":"train","config":"x"}"#).unwrap().op, Op::Train { output: None, .. }));
+        assert!(p(r#"{"v":1,"op":"train","config":"x","base":"/"}"#).is_err());
     }
 
     #[test]

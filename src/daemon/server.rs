@@ -3,6 +3,7 @@
 
 use super::protocol::{self, parse_request, Limits, LoadEngine, Op, Request};
 use super::socket;
+use super::trust::{self, Paths, VerifierPolicy};
 use crate::engine::{Canceller, Engine, EngineConfig, GenerateRequest, RequestHandle, StepConfig, Trajectory};
 use crate::eval::{evaluate, EvalConfig};
 use crate::gpo::{MetricsRow, Progress, RunConfig};
@@ -15,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// gpod settings (`gpod.toml`).
@@ -24,8 +25,13 @@ use std::sync::{Arc, Mutex, RwLock};
 pub struct DaemonConfig {
     /// Socket path.
     pub socket: PathBuf,
-    /// Where queued training jobs are kept (so a restarted daemon resumes them).
+    /// Where queued training jobs are kept (so a restarted daemon resumes them). Must be owned by
+    /// the daemon's user and not writable by others; created 0700.
     pub state_dir: PathBuf,
+    /// Roots for every file a client names.
+    pub paths: Paths,
+    /// Which external verifier commands clients may run.
+    pub verifier: VerifierPolicy,
     /// Model served from the start (optional; `load` can set or replace it).
     pub model: Option<PathBuf>,
     /// Serving engine settings.
@@ -44,7 +50,9 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             socket: PathBuf::from("/tmp/gpo.sock"),
-            state_dir: std::env::temp_dir().join("gpod-state"),
+            state_dir: trust::default_state_dir(),
+            paths: Paths::default(),
+            verifier: VerifierPolicy::default(),
             model: None,
             engine: LoadEngine::default(),
             limits: Limits::default(),
@@ -53,6 +61,18 @@ impl Default for DaemonConfig {
             remember: 10_000,
         }
     }
+}
+
+impl DaemonConfig {
+    /// Where clients' runs write: `[paths] runs`, else `runs/` in the state directory.
+    pub fn runs_root(&self) -> PathBuf {
+        self.paths.runs.clone().unwrap_or_else(|| self.state_dir.join("runs"))
+    }
+}
+
+/// Root and the daemon's own user see and cancel every peer's trajectories and jobs.
+fn privileged(uid: u32) -> bool {
+    uid == 0 || uid == socket::my_uid()
 }
 
 /// State of a training job.
@@ -74,23 +94,25 @@ pub struct JobInfo {
 
 struct Job {
     info: JobInfo,
+    /// The uid that queued it.
+    owner: u32,
     cfg: RunConfig,
     cancel: Arc<AtomicBool>,
     subscribers: Vec<Sender<(String, Value)>>,
 }
 
 /// Remembered trajectories with the step segmentation they were generated with (forks and
-/// values of a trajectory segment their continuations the same way).
+/// values of a trajectory segment their continuations the same way) and the uid they belong to.
 struct Store {
-    by_id: HashMap<u64, (Trajectory, StepConfig)>,
+    by_id: HashMap<u64, (Trajectory, StepConfig, u32)>,
     order: VecDeque<u64>,
     cap: usize,
 }
 
 impl Store {
-    fn put(&mut self, ts: &[Trajectory], steps: &StepConfig) {
+    fn put(&mut self, ts: &[Trajectory], steps: &StepConfig, owner: u32) {
         for t in ts {
-            if self.by_id.insert(t.id, (t.clone(), steps.clone())).is_none() {
+            if self.by_id.insert(t.id, (t.clone(), steps.clone(), owner)).is_none() {
                 self.order.push_back(t.id);
             }
         }
@@ -106,6 +128,9 @@ impl Store {
 pub struct Shared {
     cfg: DaemonConfig,
     engine: RwLock<Option<(PathBuf, Engine)>>,
+    /// The next trajectory id. The daemon numbers trajectories itself: every engine numbers its
+    /// own from 0, and ids must stay unique across `load`s.
+    next_id: AtomicU64,
     store: Mutex<Store>,
     jobs: Mutex<Vec<Job>>,
     job_tx: Sender<u64>,
@@ -180,20 +205,26 @@ impl Shared {
                 r.remove(i);
             }
         }
-        let out = out?;
+        let mut out = out?;
+        for t in out.iter_mut().flatten() {
+            t.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        }
         if let Ok(mut s) = self.store.lock() {
             for (ts, st) in out.iter().zip(&steps) {
-                s.put(ts, st);
+                s.put(ts, st, uid);
             }
         }
         Ok(out)
     }
 
-    fn trajectory(&self, id: u64) -> Result<(Trajectory, StepConfig)> {
+    /// A remembered trajectory of `uid`'s (any, for a privileged uid); others' are "unknown".
+    fn trajectory(&self, id: u64, uid: u32) -> Result<(Trajectory, StepConfig)> {
         self.store
             .lock()
             .ok()
             .and_then(|s| s.by_id.get(&id).cloned())
+            .filter(|(_, _, owner)| *owner == uid || privileged(uid))
+            .map(|(t, st, _)| (t, st))
             .ok_or_else(|| Error::invalid("trajectory", format!("{id} is unknown (expired or never generated here)")))
     }
 
@@ -209,8 +240,11 @@ impl Shared {
                     ),
                     None => (Value::Null, Value::Null, Value::Null),
                 };
-                let jobs: Vec<JobInfo> =
-                    self.jobs.lock().map(|j| j.iter().map(|j| j.info.clone()).collect()).unwrap_or_default();
+                let jobs: Vec<JobInfo> = self
+                    .jobs
+                    .lock()
+                    .map(|j| j.iter().filter(|j| j.owner == uid || privileged(uid)).map(|j| j.info.clone()).collect())
+                    .unwrap_or_default();
                 Ok(json!({
                     "version": crate::VERSION,
                     "protocol": protocol::VERSION,
@@ -221,7 +255,9 @@ impl Shared {
                     "connections": self.connections.load(Ordering::Relaxed),
                 }))
             }
-            Op::Load { model, engine } => self.load(Path::new(model), engine),
+            Op::Load { model, engine } => {
+                self.load(&trust::confine(&self.cfg.paths.models, Path::new(model), "model")?, engine)
+            }
             Op::Generate { prompt, n, sampling, steps } => {
                 let mut r = GenerateRequest::new(prompt.clone(), *n, sampling.clone());
                 r.steps = steps.clone();
@@ -229,14 +265,15 @@ impl Shared {
                 Ok(json!({ "trajectories": ts.iter().map(traj_json).collect::<Vec<_>>() }))
             }
             Op::Fork { trajectory, at, n, sampling } => {
-                let (parent, steps) = self.trajectory(*trajectory)?;
+                let (parent, steps) = self.trajectory(*trajectory, uid)?;
                 let mut r = GenerateRequest::continuing(&parent, *at, *n, sampling.clone())?;
                 r.steps = steps;
                 let ts = self.sample(uid, &req.id, vec![r])?.remove(0);
                 Ok(json!({ "trajectories": ts.iter().map(traj_json).collect::<Vec<_>>() }))
             }
             Op::Values { trajectory, rollouts, search, critical, verifier, answer, sampling } => {
-                let (t, steps) = self.trajectory(*trajectory)?;
+                self.cfg.verifier.check(verifier)?;
+                let (t, steps) = self.trajectory(*trajectory, uid)?;
                 let v = Verifier::new(verifier)?;
                 let model = self.engine()?.model().clone();
                 let mut score = |t: &Trajectory| Ok(v.score(&model.detokenize(&t.context), &t.text, answer) as f64);
@@ -249,7 +286,7 @@ impl Shared {
                     crate::gpo::values::estimate(&rollouts_src, &t, &search, sampling, &steps, *critical, &mut score)?;
                 Ok(serde_json::to_value(sv).expect("values"))
             }
-            Op::Train { config, base } => self.queue_job(config, base.as_deref()),
+            Op::Train { config, output } => self.queue_job(config, output.as_deref(), uid),
             Op::Eval { tasks, max_tokens } => {
                 let engine = self.engine()?;
                 let r =
@@ -262,8 +299,12 @@ impl Shared {
                 let mut n = 0;
                 if let Some(job) = target.get("job").and_then(Value::as_u64) {
                     if let Ok(jobs) = self.jobs.lock() {
-                        for j in jobs.iter().filter(|j| j.info.id == job) {
+                        for j in jobs.iter().filter(|j| j.info.id == job && (j.owner == uid || privileged(uid))) {
                             j.cancel.store(true, Ordering::Relaxed);
+                            if matches!(j.info.state.as_str(), "queued" | "running") {
+                                // Persisted at once: a restart must not resume a cancelled job.
+                                let _ = std::fs::write(self.job_file(job, "cancelled"), "");
+                            }
                             n += 1;
                         }
                     }
@@ -284,7 +325,7 @@ impl Shared {
                     let mut jobs = self.jobs.lock().map_err(|_| Error::EngineStopped("job lock".into()))?;
                     let j = jobs
                         .iter_mut()
-                        .find(|j| j.info.id == *job)
+                        .find(|j| j.info.id == *job && (j.owner == uid || privileged(uid)))
                         .ok_or_else(|| Error::invalid("job", format!("{job} is unknown")))?;
                     let finished = matches!(j.info.state.as_str(), "done" | "failed" | "cancelled");
                     if !finished {
@@ -314,16 +355,40 @@ impl Shared {
         }
     }
 
-    fn queue_job(&self, config: &str, base: Option<&Path>) -> Result<Value> {
-        let cfg = RunConfig::from_toml(config, base.unwrap_or(&self.cfg.state_dir)).map_err(|e| match e {
+    /// `jobs/<id>.<ext>` in the state directory.
+    fn job_file(&self, id: u64, ext: &str) -> PathBuf {
+        self.cfg.state_dir.join("jobs").join(format!("{id:06}.{ext}"))
+    }
+
+    /// Confines a run configuration a client sent (or a restored job's) to the daemon's roots
+    /// and verifier policy.
+    fn confine_run(&self, cfg: &mut RunConfig) -> Result<()> {
+        trust::confine_run(cfg, &self.cfg.paths.models, &self.cfg.runs_root(), &self.cfg.verifier)
+    }
+
+    fn queue_job(&self, config: &str, output: Option<&Path>, uid: u32) -> Result<Value> {
+        // Parsed without a base directory: relative paths stay relative to the daemon's roots.
+        let mut cfg = RunConfig::from_toml(config, Path::new("")).map_err(|e| match e {
             Error::Data { reason, .. } => Error::invalid("config", reason),
             e => e,
         })?;
+        if let Some(o) = output {
+            cfg.output = o.to_path_buf();
+        }
+        self.confine_run(&mut cfg)?;
         let mut jobs = self.jobs.lock().map_err(|_| Error::EngineStopped("job lock".into()))?;
-        let id = jobs.iter().map(|j| j.info.id + 1).max().unwrap_or(1);
         let dir = self.cfg.state_dir.join("jobs");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let path = dir.join(format!("{id:06}.toml"));
+        // Unique across restarts: past every job this state directory has ever held.
+        let on_disk = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .flatten()
+            .filter_map(|e| e.path().file_stem()?.to_str()?.parse::<u64>().ok())
+            .max();
+        let id = jobs.iter().map(|j| j.info.id).chain(on_disk).max().unwrap_or(0) + 1;
+        let owner = self.job_file(id, "owner");
+        std::fs::write(&owner, uid.to_string()).map_err(|e| Error::io(&owner, e))?;
+        let path = self.job_file(id, "toml");
         let text = toml::to_string(&cfg).map_err(|e| Error::invalid("config", e.to_string()))?;
         std::fs::write(path.with_extension("tmp"), text).map_err(|e| Error::io(&path, e))?;
         std::fs::rename(path.with_extension("tmp"), &path).map_err(|e| Error::io(&path, e))?;
@@ -335,7 +400,13 @@ impl Shared {
             output: cfg.output.clone(),
             error: None,
         };
-        jobs.push(Job { info: info.clone(), cfg, cancel: Arc::new(AtomicBool::new(false)), subscribers: Vec::new() });
+        jobs.push(Job {
+            info: info.clone(),
+            owner: uid,
+            cfg,
+            cancel: Arc::new(AtomicBool::new(false)),
+            subscribers: Vec::new(),
+        });
         let _ = self.job_tx.send(id);
         Ok(serde_json::to_value(info).expect("job"))
     }
@@ -425,8 +496,7 @@ fn job_worker(shared: Arc<Shared>, rx: Receiver<u64>) {
 }
 
 fn finish_job(shared: &Shared, id: u64, state: &str, data: Option<Value>) {
-    let marker = shared.cfg.state_dir.join("jobs").join(format!("{id:06}.{state}"));
-    let _ = std::fs::write(marker, data.as_ref().map(|d| d.to_string()).unwrap_or_default());
+    let _ = std::fs::write(shared.job_file(id, state), data.as_ref().map(|d| d.to_string()).unwrap_or_default());
     let err = data.as_ref().and_then(|d| d.get("error")).and_then(Value::as_str).map(str::to_string);
     let kind = if state == "done" { "done" } else { "failed" };
     shared.job_event(id, kind, json!({ "job": id, "state": state, "result": data }), |i| {
@@ -435,8 +505,9 @@ fn finish_job(shared: &Shared, id: u64, state: &str, data: Option<Value>) {
     });
 }
 
-/// Jobs queued or running when the daemon stopped (no done/failed/cancelled marker).
-fn restore_jobs(state_dir: &Path) -> Vec<(u64, RunConfig)> {
+/// Jobs queued or running when the daemon stopped (no done/failed/cancelled marker), with the
+/// uid that queued them (the daemon's own for jobs written before owners were recorded).
+fn restore_jobs(state_dir: &Path) -> Vec<(u64, u32, RunConfig)> {
     let dir = state_dir.join("jobs");
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(&dir) else { return out };
@@ -448,8 +519,12 @@ fn restore_jobs(state_dir: &Path) -> Vec<(u64, RunConfig)> {
         if ["done", "failed", "cancelled"].iter().any(|m| p.with_extension(m).exists()) {
             continue;
         }
+        let owner = std::fs::read_to_string(p.with_extension("owner"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(socket::my_uid);
         match std::fs::read_to_string(&p).ok().and_then(|t| toml::from_str::<RunConfig>(&t).ok()) {
-            Some(cfg) => out.push((id, cfg)),
+            Some(cfg) => out.push((id, owner, cfg)),
             None => tracing::warn!("skipping unreadable job {}", p.display()),
         }
     }
@@ -584,8 +659,13 @@ fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
 
 /// Runs the daemon until `shutdown` (request, SIGTERM) and returns after the current training
 /// iteration is checkpointed. `stop` is an extra flag (signal handlers set it).
-pub fn serve(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| Error::io(&cfg.state_dir, e))?;
+pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
+    trust::ensure_private_dir(&cfg.state_dir)?;
+    let runs = cfg.runs_root();
+    std::fs::create_dir_all(&runs).map_err(|e| Error::io(&runs, e))?;
+    // Absolute roots: jobs store their resolved paths, and a restart must read them the same way.
+    cfg.paths.runs = Some(runs.canonicalize().map_err(|e| Error::io(&runs, e))?);
+    cfg.paths.models = std::path::absolute(&cfg.paths.models).map_err(|e| Error::io(&cfg.paths.models, e))?;
     let listener = socket::bind(&cfg.socket, cfg.group.as_deref())?;
     listener.set_nonblocking(true).map_err(|e| Error::io(&cfg.socket, e))?;
     let (job_tx, job_rx) = crossbeam_channel::unbounded();
@@ -597,13 +677,15 @@ pub fn serve(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
         requests: Mutex::new(Vec::new()),
         shutdown: stop,
         connections: AtomicUsize::new(0),
+        next_id: AtomicU64::new(0),
         cfg,
     });
     if let Some(m) = shared.cfg.model.clone() {
         shared.load(&m, &shared.cfg.engine)?;
     }
-    for (id, run) in restore_jobs(&shared.cfg.state_dir) {
-        tracing::info!("resuming job {id} ({})", run.output.display());
+    for (id, owner, mut run) in restore_jobs(&shared.cfg.state_dir) {
+        // Re-checked against today's roots and verifier policy before anything runs.
+        let refused = shared.confine_run(&mut run).err();
         if let Ok(mut jobs) = shared.jobs.lock() {
             let info = JobInfo {
                 id,
@@ -613,9 +695,18 @@ pub fn serve(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 output: run.output.clone(),
                 error: None,
             };
-            jobs.push(Job { info, cfg: run, cancel: Arc::new(AtomicBool::new(false)), subscribers: Vec::new() });
+            jobs.push(Job { info, owner, cfg: run, cancel: Arc::new(AtomicBool::new(false)), subscribers: Vec::new() });
         }
-        let _ = shared.job_tx.send(id);
+        match refused {
+            None => {
+                tracing::info!("resuming job {id}");
+                let _ = shared.job_tx.send(id);
+            }
+            Some(e) => {
+                tracing::warn!("not resuming job {id}: {e}");
+                finish_job(&shared, id, "failed", Some(json!({ "error": e.to_string() })));
+            }
+        }
     }
     let worker = {
         let s = shared.clone();

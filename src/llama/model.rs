@@ -74,19 +74,21 @@ pub(crate) fn path_cstring(path: &Path) -> Result<CString> {
     CString::new(s).map_err(|_| Error::invalid("path", "contains a NUL byte"))
 }
 
-/// Checks that `path` exists and starts with the GGUF magic; llama.cpp reports the rest.
+/// Checks that `path` is a regular file that starts with the GGUF magic; llama.cpp reports the
+/// rest. FIFOs and devices are refused before they are opened (opening a FIFO blocks).
 pub(crate) fn check_gguf_file(path: &Path) -> Result<()> {
-    let mut f = std::fs::File::open(path).map_err(|e| match e.kind() {
+    let not_found = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => Error::NotFound(path.to_path_buf()),
         _ => Error::io(path, e),
-    })?;
+    };
+    if !std::fs::metadata(path).map_err(not_found)?.is_file() {
+        return Err(Error::NotGguf { path: path.to_path_buf(), why: "not a regular file" });
+    }
+    let mut f = std::fs::File::open(path).map_err(not_found)?;
     let mut magic = [0u8; 4];
     let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
     if n < 4 || &magic != b"GGUF" {
-        return Err(Error::NotGguf {
-            path: path.to_path_buf(),
-            magic: String::from_utf8_lossy(&magic[..n]).into_owned(),
-        });
+        return Err(Error::NotGguf { path: path.to_path_buf(), why: "it does not start with the GGUF magic" });
     }
     Ok(())
 }
