@@ -98,3 +98,52 @@ fn swap_waits_for_requests_submitted_before_it() {
     }
     assert_eq!(after[0].adapter_version, 1);
 }
+
+#[test]
+fn concurrent_adapter_swap() {
+    // Eight threads swap adapters while a ninth generates: every adapter is loaded and freed on
+    // the engine thread (llama.cpp's adapter set is unlocked and read during decode), so this is
+    // race-free; each swap gets its own version and every sample names one that existed.
+    let model = tiny_model("llama");
+    let e = engine(&model, 4, 4096, KvMode::PerSequence);
+    let files: Vec<_> = (0..8).map(|i| write_adapter(&model, &format!("race-{i}.gguf"), 4, 0.3, 20 + i)).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gen = {
+        let (e, stop) = (e.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sp = SamplingParams { ignore_eog: true, ..SamplingParams::greedy(6) };
+                for t in e.generate(GenerateRequest::new(Prompt::Raw("race".into()), 2, sp)).unwrap() {
+                    assert_eq!(t.tokens.len(), 6);
+                    seen.push(t.adapter_version);
+                }
+            }
+            seen
+        })
+    };
+    let swappers: Vec<_> = files
+        .into_iter()
+        .map(|f| {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let mut versions = Vec::new();
+                for _ in 0..5 {
+                    versions.push(e.set_adapter(&f, 1.0).unwrap());
+                    versions.push(e.remove_adapter().unwrap());
+                }
+                versions
+            })
+        })
+        .collect();
+    let mut versions: Vec<u64> = swappers.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = gen.join().unwrap();
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=80).collect::<Vec<u64>>(), "each swap is one version, none lost or repeated");
+    assert!(!seen.is_empty() && seen.iter().all(|v| *v <= 80), "{seen:?}");
+    // Loading an engine's adapter on another thread than its engine thread is refused.
+    let adapter = write_adapter(&model, "off-thread.gguf", 4, 0.3, 99);
+    let err = gpo::llama::LoraAdapter::load(e.model(), adapter).err().expect("refused off the engine thread");
+    assert!(err.to_string().contains("set_adapter"), "{err}");
+}

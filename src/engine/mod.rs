@@ -24,7 +24,7 @@ pub use steps::{StepConfig, StepSpan};
 pub use trajectory::{FinishReason, Trajectory};
 
 pub use crate::llama::KvMode;
-use crate::llama::{Context, ContextParams, LoraAdapter, Model, ModelParams, Token};
+use crate::llama::{Context, ContextParams, Model, ModelParams, Token};
 use crate::{Error, Result};
 use crossbeam_channel::{Receiver, Sender};
 use scheduler::{Command, Job, Scheduler};
@@ -324,7 +324,10 @@ impl Engine {
         let scheduler = Scheduler::new(ctx, rx, cfg.max_cached_tokens, cfg.prefix_cache);
         let thread = std::thread::Builder::new()
             .name("gpo-engine".into())
-            .spawn(move || scheduler.run())
+            .spawn(move || {
+                scheduler.model().bind_owner();
+                scheduler.run()
+            })
             .map_err(|e| Error::EngineStopped(format!("could not spawn the engine thread: {e}")))?;
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -445,8 +448,7 @@ impl Engine {
         if !scale.is_finite() {
             return Err(Error::invalid("scale", "must be finite"));
         }
-        let adapter = LoraAdapter::load(&self.inner.model, path)?;
-        self.swap(Some((adapter, scale)))
+        self.swap(Some((path.as_ref().to_path_buf(), scale)))
     }
 
     /// Removes the adapter (back to the base model). Returns the new adapter version.
@@ -454,7 +456,7 @@ impl Engine {
         self.swap(None)
     }
 
-    fn swap(&self, adapter: Option<(Arc<LoraAdapter>, f32)>) -> Result<u64> {
+    fn swap(&self, adapter: Option<(PathBuf, f32)>) -> Result<u64> {
         let (reply, rx) = crossbeam_channel::bounded(1);
         self.send(Command::SetAdapter { adapter, reply })?;
         rx.recv().map_err(|_| Error::EngineStopped("the engine thread exited".into()))?

@@ -18,6 +18,7 @@ use crate::llama::{Batch, Context, DecodeError, LoraAdapter, Model, SamplerChain
 use crate::{Error, Result};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,8 +41,11 @@ pub(crate) struct Job {
 pub(crate) enum Command {
     /// Jobs admitted together (one command, so their batching does not depend on timing).
     Submit(Vec<Arc<Job>>),
+    /// Load (path, scale) or remove the adapter. The file is loaded here, on the engine thread:
+    /// llama.cpp registers every adapter in its model's (unlocked) adapter set, which decoding
+    /// reads, so no other thread may load or free one.
     SetAdapter {
-        adapter: Option<(Arc<LoraAdapter>, f32)>,
+        adapter: Option<(PathBuf, f32)>,
         reply: Sender<Result<u64>>,
     },
     Stats(Sender<EngineStats>),
@@ -163,6 +167,11 @@ impl Scheduler {
     }
 
     /// Runs until shutdown.
+    /// The model this scheduler decodes with.
+    pub fn model(&self) -> &Arc<Model> {
+        self.ctx.model()
+    }
+
     pub fn run(mut self) {
         loop {
             let idle = self.running() == 0 && !self.can_admit();
@@ -197,7 +206,18 @@ impl Scheduler {
                     }
                 }
             }
-            Command::SetAdapter { adapter, reply } => self.queue.push_back(Pending::Adapter { adapter, reply }),
+            Command::SetAdapter { adapter, reply } => {
+                let loaded = match adapter {
+                    None => Ok(None),
+                    Some((path, scale)) => LoraAdapter::load(self.ctx.model(), path).map(|a| Some((a, scale))),
+                };
+                match loaded {
+                    Ok(adapter) => self.queue.push_back(Pending::Adapter { adapter, reply }),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
             Command::Stats(reply) => {
                 let mut s = self.stats.clone();
                 s.adapter_version = self.version;

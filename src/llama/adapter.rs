@@ -21,6 +21,13 @@ unsafe impl Sync for LoraAdapter {}
 
 impl Drop for LoraAdapter {
     fn drop(&mut self) {
+        // Freeing unregisters the adapter from its model's unlocked set: never from another
+        // thread than the one that decodes with the model.
+        if !self.model.owned_here() {
+            // Leaked rather than freed while the engine thread may be decoding.
+            tracing::error!("LoRA adapter {} dropped off its engine thread: leaked", self.path.display());
+            return;
+        }
         // SAFETY: freed once; the model (held by Arc) is still alive, so llama.cpp can unregister it.
         unsafe { sys::llama_adapter_lora_free(self.ptr.as_ptr()) };
     }
@@ -31,6 +38,12 @@ impl LoraAdapter {
     /// not have, or with wrong shapes is rejected with llama.cpp's reason.
     pub fn load(model: &Arc<Model>, path: impl AsRef<Path>) -> Result<Arc<LoraAdapter>> {
         let path = path.as_ref();
+        if !model.owned_here() {
+            return Err(Error::invalid(
+                "adapter",
+                "this model belongs to an engine: load adapters with Engine::set_adapter (its engine thread does it)",
+            ));
+        }
         check_gguf_file(path).map_err(|e| match e {
             Error::NotFound(p) => Error::NotFound(p),
             other => Error::Adapter { path: path.to_path_buf(), reason: other.to_string() },

@@ -6,7 +6,8 @@ use std::ffi::{CStr, CString};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::thread::ThreadId;
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -47,11 +48,16 @@ pub struct Model {
     vocab: *const sys::llama_vocab,
     path: PathBuf,
     pieces: Vec<Box<[u8]>>,
+    /// The thread that decodes with this model, once an engine owns it: the only thread that
+    /// may load or free its adapters.
+    owner: OnceLock<ThreadId>,
 }
 
-// SAFETY: after loading, gpo only calls read-only llama.cpp functions on the model from several
-// threads (vocabulary, tokenizer, metadata); the mutating calls (adapter init, context creation)
-// happen on the engine thread, and llama.cpp guards its own model-side registries.
+// SAFETY: after loading, gpo calls only read-only llama.cpp functions on the model from several
+// threads (vocabulary, tokenizer, metadata). The one mutable model-side structure is llama.cpp's
+// unlocked set of registered adapters, which `llama_adapter_lora_init`/`_free` change and decoding
+// reads: once an engine owns the model (`bind_owner`), adapters are loaded and freed on its thread
+// only (`LoraAdapter::load` refuses other threads; the engine's adapters live in its context).
 unsafe impl Send for Model {}
 unsafe impl Sync for Model {}
 
@@ -94,6 +100,17 @@ pub(crate) fn check_gguf_file(path: &Path) -> Result<()> {
 }
 
 impl Model {
+    /// Makes the calling thread the model's owner: from now on only it may load or free
+    /// adapters of this model. Called by the engine thread when it starts.
+    pub(crate) fn bind_owner(&self) {
+        let _ = self.owner.set(std::thread::current().id());
+    }
+
+    /// Whether the calling thread may change the model's adapter set.
+    pub(crate) fn owned_here(&self) -> bool {
+        self.owner.get().is_none_or(|t| *t == std::thread::current().id())
+    }
+
     /// Loads a GGUF model. Missing files, non-GGUF files and files llama.cpp rejects (truncated,
     /// unsupported architecture) give a typed error carrying llama.cpp's reason.
     pub fn load(path: impl AsRef<Path>, params: &ModelParams) -> Result<Arc<Model>> {
@@ -118,7 +135,7 @@ impl Model {
         })?;
         // SAFETY: valid model pointer.
         let vocab = unsafe { sys::llama_model_get_vocab(ptr.as_ptr()) };
-        let mut model = Model { ptr, vocab, path: path.to_path_buf(), pieces: Vec::new() };
+        let mut model = Model { ptr, vocab, path: path.to_path_buf(), pieces: Vec::new(), owner: OnceLock::new() };
         model.pieces = (0..model.n_vocab()).map(|t| model.piece_uncached(t).into_boxed_slice()).collect();
         Ok(Arc::new(model))
     }
