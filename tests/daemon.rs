@@ -457,7 +457,10 @@ fn another_uid_cannot_fork_or_cancel() {
         use std::io::Write;
         child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        let mut replies: Vec<Value> =
+            String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        replies.sort_by_key(|r| r["id"].as_u64()); // each request runs on its own thread
+        replies
     };
     let replies = as_nobody(&[
         json!({"v": 1, "id": 1, "op": "fork", "trajectory": t, "at": 1}),
@@ -473,4 +476,67 @@ fn another_uid_cannot_fork_or_cancel() {
     // The owner still can.
     assert_eq!(ok(&c.call(json!({"op": "cancel", "target": {"job": job}})).unwrap())["cancelled"], json!(1));
     ok(&c.call(json!({"op": "fork", "trajectory": t, "at": 1, "sampling": {"max_tokens": 2}})).unwrap());
+}
+
+#[test]
+fn disconnect_cancels_and_connections_are_bounded() {
+    let conf = scratch("limits-gpod.toml");
+    std::fs::write(
+        &conf,
+        "[limits]\nmax_connections = 3\nidle_timeout_s = 0.5\n[engine]\nparallel = 3\nctx_per_sequence = 4096\n",
+    )
+    .unwrap();
+    let sock = scratch("limits.sock");
+    let d = start_at(&sock, Some(&tiny_model("llama")), &scratch("st-limits"), &["--config", conf.to_str().unwrap()]);
+    let mut c = Client::connect(&d.socket).unwrap();
+    // A client sends a long generation and goes away: its sequences stop.
+    {
+        let mut gone = Client::connect(&d.socket).unwrap();
+        gone.send_line(
+            &json!({"v": 1, "id": 1, "op": "generate", "prompt": "long", "n": 16, "sampling": {"max_tokens": 2048}})
+                .to_string(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let t0 = Instant::now();
+    let stats = loop {
+        let s = ok(&c.call(json!({"op": "status"})).unwrap())["stats"].clone();
+        if s["running"] == json!(0) && s["waiting"] == json!(0) && s["requests"] == json!(1) {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "the closed connection's request still runs: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(stats["generated_tokens"].as_u64().unwrap() < 16 * 2048, "it was cancelled, not finished: {stats}");
+    // A line left half-sent is closed after the idle timeout; waiting between lines is free.
+    {
+        use std::io::{BufRead, Write};
+        let mut slow = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        slow.write_all(b"{\"v\":1,\"id\":1,\"op\":\"status\"}\n{\"v\":1,").unwrap();
+        let mut r = std::io::BufReader::new(slow);
+        let mut first = String::new();
+        r.read_line(&mut first).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&first).unwrap()["ok"], json!(true), "{first}");
+        let mut second = String::new();
+        r.read_line(&mut second).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&second).unwrap()["error"]["code"], json!("timeout"), "{second}");
+        let mut eof = String::new();
+        assert_eq!(r.read_line(&mut eof).unwrap(), 0, "then the connection is closed");
+    }
+    // At most three connections: the fourth is told so.
+    let _b = Client::connect(&d.socket).unwrap();
+    let mut third = Client::connect(&d.socket).unwrap();
+    ok(&third.call(json!({"op": "status"})).unwrap());
+    let mut fourth = Client::connect(&d.socket).unwrap();
+    assert_eq!(fourth.read().unwrap()["error"]["code"], json!("busy"));
+    drop((third, fourth));
+    // `load`: an engine over the limits is refused; without `engine`, gpod.toml's settings.
+    let name = tiny_model("llama").file_name().unwrap().to_str().unwrap().to_string();
+    let r =
+        c.call(json!({"op": "load", "model": name, "engine": {"parallel": 16, "ctx_per_sequence": 32768}})).unwrap();
+    assert_eq!(r["error"]["code"], json!("too_large"), "{r}");
+    let info = ok(&c.call(json!({"op": "load", "model": name})).unwrap()).clone();
+    assert_eq!(info["n_parallel"], json!(3), "{info}");
 }

@@ -39,6 +39,14 @@ pub struct Limits {
     pub max_rollouts: usize,
     /// Most eval tasks per request.
     pub max_eval_tasks: usize,
+    /// Most parallel sequences a `load` may ask for.
+    pub max_parallel: u32,
+    /// Most KV cells (parallel × ctx_per_sequence) a `load` may ask for.
+    pub max_ctx_cells: u64,
+    /// Most client connections at a time (more are told `busy` and closed).
+    pub max_connections: usize,
+    /// Seconds a client may take to finish a line it started (idle time between lines is free).
+    pub idle_timeout_s: f64,
 }
 
 impl Default for Limits {
@@ -51,6 +59,10 @@ impl Default for Limits {
             max_inflight: 8,
             max_rollouts: 32,
             max_eval_tasks: 1000,
+            max_parallel: 64,
+            max_ctx_cells: 65_536,
+            max_connections: 64,
+            idle_timeout_s: 30.0,
         }
     }
 }
@@ -88,8 +100,8 @@ impl Default for LoadEngine {
 pub enum Op {
     /// Daemon, engine and job status.
     Status,
-    /// Load (or replace) the serving model.
-    Load { model: String, engine: LoadEngine },
+    /// Load (or replace) the serving model; without `engine`, gpod.toml's engine settings.
+    Load { model: String, engine: Option<LoadEngine> },
     /// Sample `n` completions.
     Generate { prompt: Prompt, n: usize, sampling: SamplingParams, steps: StepConfig },
     /// Continue a remembered trajectory after `at` generated tokens.
@@ -258,9 +270,22 @@ pub fn parse_request(line: &str, limits: &Limits) -> Result<Request, ProtocolErr
             model: string(&id, &o, "model")?,
             engine: match get(&o, "engine") {
                 Some(e) => {
-                    serde_json::from_value(e.clone()).map_err(|e| invalid(&id, "invalid", format!("engine: {e}")))?
+                    let e: LoadEngine = serde_json::from_value(e.clone())
+                        .map_err(|e| invalid(&id, "invalid", format!("engine: {e}")))?;
+                    let cells = u64::from(e.parallel) * u64::from(e.ctx_per_sequence);
+                    if e.parallel > limits.max_parallel || cells > limits.max_ctx_cells {
+                        return Err(invalid(
+                            &id,
+                            "too_large",
+                            format!(
+                                "engine of {} sequences × {} cells exceeds the limits ({} sequences, {} cells)",
+                                e.parallel, e.ctx_per_sequence, limits.max_parallel, limits.max_ctx_cells
+                            ),
+                        ));
+                    }
+                    Some(e)
                 }
-                None => LoadEngine::default(),
+                None => None,
             },
         },
         "generate" => {
@@ -479,6 +504,14 @@ mod tests {
         assert_eq!(code(r#"{"v":1,"op":"dance"}"#), "unknown_op");
         assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","n":0}"#), "invalid");
         assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","n":1000}"#), "too_large");
+        assert_eq!(
+            code(r#"{"v":1,"op":"load","model":"m","engine":{"parallel":16,"ctx_per_sequence":32768}}"#),
+            "too_large"
+        );
+        assert_eq!(
+            code(r#"{"v":1,"op":"load","model":"m","engine":{"parallel":1000,"ctx_per_sequence":8}}"#),
+            "too_large"
+        );
         assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","sampling":{"max_tokens":999999}}"#), "too_large");
         assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","sampling":{"top_p":0}}"#), "invalid");
         assert_eq!(code(r#"{"v":1,"op":"generate","prompt":"x","sampling":{"stop":[""]}}"#), "invalid");

@@ -124,6 +124,15 @@ impl Store {
     }
 }
 
+/// A sampling request in flight: `cancel` (same uid, same request id) or its connection closing
+/// stops it.
+struct InFlight {
+    uid: u32,
+    conn: u64,
+    key: String,
+    cancellers: Vec<Canceller>,
+}
+
 /// Everything connections share.
 pub struct Shared {
     cfg: DaemonConfig,
@@ -134,10 +143,12 @@ pub struct Shared {
     store: Mutex<Store>,
     jobs: Mutex<Vec<Job>>,
     job_tx: Sender<u64>,
-    requests: Mutex<Vec<(u32, String, Vec<Canceller>)>>,
+    requests: Mutex<Vec<InFlight>>,
     /// Set by `shutdown` or SIGTERM.
     pub shutdown: Arc<AtomicBool>,
     connections: AtomicUsize,
+    /// Numbers connections (for cancelling a closed connection's requests).
+    next_conn: AtomicU64,
 }
 
 fn traj_json(t: &Trajectory) -> Value {
@@ -190,18 +201,18 @@ impl Shared {
     }
 
     /// Runs requests for one client request id; `cancel` with that id stops them.
-    fn sample(&self, uid: u32, id: &Value, reqs: Vec<GenerateRequest>) -> Result<Vec<Vec<Trajectory>>> {
+    fn sample(&self, uid: u32, conn: u64, id: &Value, reqs: Vec<GenerateRequest>) -> Result<Vec<Vec<Trajectory>>> {
         let engine = self.engine()?;
         let steps: Vec<StepConfig> = reqs.iter().map(|r| r.steps.clone()).collect();
         let handles: Vec<RequestHandle> = engine.submit_many(reqs)?;
         let key = id.to_string();
         let cancellers = handles.iter().map(RequestHandle::canceller).collect();
         if let Ok(mut r) = self.requests.lock() {
-            r.push((uid, key.clone(), cancellers));
+            r.push(InFlight { uid, conn, key: key.clone(), cancellers });
         }
         let out: Result<Vec<_>> = handles.into_iter().map(RequestHandle::wait).collect();
         if let Ok(mut r) = self.requests.lock() {
-            if let Some(i) = r.iter().position(|(u, k, _)| *u == uid && *k == key) {
+            if let Some(i) = r.iter().position(|f| f.conn == conn && f.key == key) {
                 r.remove(i);
             }
         }
@@ -228,7 +239,7 @@ impl Shared {
             .ok_or_else(|| Error::invalid("trajectory", format!("{id} is unknown (expired or never generated here)")))
     }
 
-    fn dispatch(self: &Arc<Self>, uid: u32, req: &Request, out: &Writer) -> Result<Value> {
+    fn dispatch(self: &Arc<Self>, uid: u32, conn: u64, req: &Request, out: &Writer) -> Result<Value> {
         match &req.op {
             Op::Status => {
                 let engine = self.engine.read().ok().and_then(|g| g.as_ref().map(|(p, e)| (p.clone(), e.clone())));
@@ -256,19 +267,20 @@ impl Shared {
                 }))
             }
             Op::Load { model, engine } => {
+                let engine = engine.as_ref().unwrap_or(&self.cfg.engine);
                 self.load(&trust::confine(&self.cfg.paths.models, Path::new(model), "model")?, engine)
             }
             Op::Generate { prompt, n, sampling, steps } => {
                 let mut r = GenerateRequest::new(prompt.clone(), *n, sampling.clone());
                 r.steps = steps.clone();
-                let ts = self.sample(uid, &req.id, vec![r])?.remove(0);
+                let ts = self.sample(uid, conn, &req.id, vec![r])?.remove(0);
                 Ok(json!({ "trajectories": ts.iter().map(traj_json).collect::<Vec<_>>() }))
             }
             Op::Fork { trajectory, at, n, sampling } => {
                 let (parent, steps) = self.trajectory(*trajectory, uid)?;
                 let mut r = GenerateRequest::continuing(&parent, *at, *n, sampling.clone())?;
                 r.steps = steps;
-                let ts = self.sample(uid, &req.id, vec![r])?.remove(0);
+                let ts = self.sample(uid, conn, &req.id, vec![r])?.remove(0);
                 Ok(json!({ "trajectories": ts.iter().map(traj_json).collect::<Vec<_>>() }))
             }
             Op::Values { trajectory, rollouts, search, critical, verifier, answer, sampling } => {
@@ -277,7 +289,7 @@ impl Shared {
                 let v = Verifier::new(verifier)?;
                 let model = self.engine()?.model().clone();
                 let mut score = |t: &Trajectory| Ok(v.score(&model.detokenize(&t.context), &t.text, answer) as f64);
-                let rollouts_src = ClientRollouts { shared: self.clone(), uid, id: req.id.clone() };
+                let rollouts_src = ClientRollouts { shared: self.clone(), uid, conn, id: req.id.clone() };
                 let search = crate::gpo::values::SearchConfig {
                     search: *search,
                     ..crate::gpo::values::SearchConfig::dense(*rollouts)
@@ -310,8 +322,8 @@ impl Shared {
                     }
                 } else if let Ok(r) = self.requests.lock() {
                     let key = target.to_string();
-                    for (_, _, cs) in r.iter().filter(|(u, k, _)| *u == uid && *k == key) {
-                        for c in cs {
+                    for f in r.iter().filter(|f| f.uid == uid && f.key == key) {
+                        for c in &f.cancellers {
                             c.cancel();
                         }
                         n += 1;
@@ -428,12 +440,13 @@ impl Shared {
 struct ClientRollouts {
     shared: Arc<Shared>,
     uid: u32,
+    conn: u64,
     id: Value,
 }
 
 impl crate::gpo::collect::Rollouts for ClientRollouts {
     fn sample(&self, reqs: Vec<GenerateRequest>) -> Result<Vec<Vec<Trajectory>>> {
-        self.shared.sample(self.uid, &self.id, reqs)
+        self.shared.sample(self.uid, self.conn, &self.id, reqs)
     }
     fn render(&self, tokens: &[i32]) -> String {
         self.shared.engine().map(|e| e.model().detokenize_special(tokens)).unwrap_or_default()
@@ -560,11 +573,29 @@ fn utf8(buf: Vec<u8>) -> Incoming {
 }
 
 /// Reads one line of at most `max` bytes. Longer lines are consumed and reported as too long.
-fn read_line(r: &mut BufReader<UnixStream>, max: usize) -> std::io::Result<Option<Incoming>> {
+/// Waiting between lines is unbounded; a line begun but not finished within `idle` is an error
+/// (`TimedOut`). The stream's read timeout sets how often that is checked.
+fn read_line(
+    r: &mut BufReader<UnixStream>,
+    max: usize,
+    idle: std::time::Duration,
+) -> std::io::Result<Option<Incoming>> {
     let mut buf = Vec::new();
     let mut total = 0usize;
+    let mut started: Option<std::time::Instant> = None;
     loop {
-        let chunk = r.fill_buf()?;
+        if started.is_some_and(|t| t.elapsed() > idle) {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        let chunk = match r.fill_buf() {
+            Ok(c) => c,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if !chunk.is_empty() {
+            started.get_or_insert_with(std::time::Instant::now);
+        }
         if chunk.is_empty() {
             return Ok(if total == 0 {
                 None
@@ -596,14 +627,20 @@ fn read_line(r: &mut BufReader<UnixStream>, max: usize) -> std::io::Result<Optio
 }
 
 fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
-    shared.connections.fetch_add(1, Ordering::Relaxed);
-    let Ok(write_half) = stream.try_clone() else { return };
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let Ok(write_half) = stream.try_clone() else {
+        shared.connections.fetch_sub(1, Ordering::Relaxed);
+        return;
+    };
     let out = Writer { stream: Arc::new(Mutex::new(write_half)) };
     let inflight = Arc::new(AtomicUsize::new(0));
     let mut reader = BufReader::new(stream);
     let limits = shared.cfg.limits.clone();
+    let idle = std::time::Duration::from_secs_f64(limits.idle_timeout_s.max(0.001));
+    // Wakes the reader now and then, so a line left half-sent is noticed.
+    let _ = reader.get_ref().set_read_timeout(Some(idle.min(std::time::Duration::from_secs(1))));
     loop {
-        let line = match read_line(&mut reader, limits.max_message_bytes) {
+        let line = match read_line(&mut reader, limits.max_message_bytes, idle) {
             Ok(Some(Incoming::Line(l))) => l,
             Ok(Some(Incoming::NotUtf8(at))) => {
                 // Replacing the bytes would run a prompt the client never sent.
@@ -618,7 +655,13 @@ fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
                 ));
                 continue;
             }
-            Ok(None) | Err(_) => break,
+            Ok(None) => break,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    out.line(&protocol::err(&Value::Null, "timeout", "a partial line was left unfinished; closing"));
+                }
+                break;
+            }
         };
         if line.trim().is_empty() {
             continue;
@@ -641,18 +684,26 @@ fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
         inflight.fetch_add(1, Ordering::Relaxed);
         let (shared, out, inflight) = (shared.clone(), out.clone(), inflight.clone());
         std::thread::spawn(move || {
-            let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                shared.dispatch(uid, &req, &out)
-            })) {
-                Ok(Ok(v)) => protocol::ok(&req.id, v),
-                Ok(Err(e)) => protocol::err(&req.id, code_of(&e), &e.to_string()),
-                Err(_) => {
-                    protocol::err(&req.id, "internal", "internal error while handling the request (see the daemon log)")
-                }
-            };
+            let reply =
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shared.dispatch(uid, conn, &req, &out)))
+                {
+                    Ok(Ok(v)) => protocol::ok(&req.id, v),
+                    Ok(Err(e)) => protocol::err(&req.id, code_of(&e), &e.to_string()),
+                    Err(_) => protocol::err(
+                        &req.id,
+                        "internal",
+                        "internal error while handling the request (see the daemon log)",
+                    ),
+                };
             out.line(&reply);
             inflight.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+    // The client is gone: nobody will read what its requests would produce.
+    if let Ok(r) = shared.requests.lock() {
+        for c in r.iter().filter(|f| f.conn == conn).flat_map(|f| &f.cancellers) {
+            c.cancel();
+        }
     }
     shared.connections.fetch_sub(1, Ordering::Relaxed);
 }
@@ -677,6 +728,7 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
         requests: Mutex::new(Vec::new()),
         shutdown: stop,
         connections: AtomicUsize::new(0),
+        next_conn: AtomicU64::new(0),
         next_id: AtomicU64::new(0),
         cfg,
     });
@@ -723,7 +775,13 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
                 match socket::peer_uid(&stream) {
+                    Some(_) if shared.connections.load(Ordering::Relaxed) >= shared.cfg.limits.max_connections => {
+                        let mut st = stream;
+                        let msg = format!("at most {} connections at a time", shared.cfg.limits.max_connections);
+                        let _ = writeln!(st, "{}", protocol::err(&Value::Null, "busy", &msg));
+                    }
                     Some(uid) if allowed.contains(&uid) => {
+                        shared.connections.fetch_add(1, Ordering::Relaxed);
                         let s = shared.clone();
                         std::thread::spawn(move || handle_connection(s, stream, uid));
                     }
@@ -745,7 +803,7 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let _ = std::fs::remove_file(&shared.cfg.socket);
     // Cancel sampling requests in flight; the job worker stops at its next iteration boundary.
     if let Ok(r) = shared.requests.lock() {
-        for c in r.iter().flat_map(|(_, _, cs)| cs) {
+        for c in r.iter().flat_map(|f| &f.cancellers) {
             c.cancel();
         }
     }
