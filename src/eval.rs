@@ -1,10 +1,11 @@
 //! Accuracy of a model (with its current adapter) on a task set: greedy and pass@k.
 
-use crate::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
+use crate::engine::{Canceller, Engine, GenerateRequest, Prompt, RequestHandle, SamplingParams};
 use crate::reward::number;
 use crate::task::Task;
-use crate::Result;
+use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How to evaluate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,11 +59,46 @@ pub struct EvalReport {
 
 /// Evaluates `tasks` on `engine`; all requests are submitted at once so they share batches.
 /// `progress` is called with the number of finished tasks.
-pub fn evaluate(
+pub fn evaluate(engine: &Engine, tasks: &[Task], cfg: &EvalConfig, progress: impl FnMut(usize)) -> Result<EvalReport> {
+    evaluate_or_cancel(engine, tasks, cfg, progress, &AtomicBool::new(false))
+}
+
+/// [`evaluate`], stopped within ~20 ms of `cancel` being set (then [`Error::Cancelled`]).
+pub fn evaluate_or_cancel(
+    engine: &Engine,
+    tasks: &[Task],
+    cfg: &EvalConfig,
+    progress: impl FnMut(usize),
+    cancel: &AtomicBool,
+) -> Result<EvalReport> {
+    let finished = &AtomicBool::new(false);
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<Canceller>>(1);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let Ok(cancellers) = rx.recv() else { return };
+            while !finished.load(Ordering::Relaxed) {
+                if cancel.load(Ordering::Relaxed) {
+                    cancellers.iter().for_each(Canceller::cancel);
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        let r = run_eval(engine, tasks, cfg, progress, tx);
+        finished.store(true, Ordering::Relaxed);
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        r
+    })
+}
+
+fn run_eval(
     engine: &Engine,
     tasks: &[Task],
     cfg: &EvalConfig,
     mut progress: impl FnMut(usize),
+    cancellers: crossbeam_channel::Sender<Vec<Canceller>>,
 ) -> Result<EvalReport> {
     let prompt = |t: &Task| Prompt::with_system(cfg.system.as_deref(), &t.prompt);
     // Each set is submitted as one unit, so batching (and the sampled tokens) is reproducible.
@@ -87,6 +123,7 @@ pub fn evaluate(
     } else {
         tasks.iter().map(|_| None).collect()
     };
+    let _ = cancellers.send(greedy.iter().chain(sampled.iter().flatten()).map(RequestHandle::canceller).collect());
     let mut results = Vec::with_capacity(tasks.len());
     for (i, ((task, g), s)) in tasks.iter().zip(greedy).zip(sampled).enumerate() {
         let g = g.wait()?.remove(0);

@@ -540,3 +540,89 @@ fn disconnect_cancels_and_connections_are_bounded() {
     let info = ok(&c.call(json!({"op": "load", "model": name})).unwrap()).clone();
     assert_eq!(info["n_parallel"], json!(3), "{info}");
 }
+
+#[test]
+fn shutdown_with_generations_in_flight_replies_to_every_client() {
+    let state = scratch("st-shutdown");
+    for round in 0..20 {
+        let d = start("shutdown", Some(&tiny_model("llama")), &state);
+        let clients: Vec<_> = (0..4)
+            .map(|i| {
+                let sock = d.socket.clone();
+                std::thread::spawn(move || {
+                    let mut c = Client::connect(&sock).unwrap();
+                    let req =
+                        json!({"op": "generate", "prompt": format!("p{i}"), "n": 4, "sampling": {"max_tokens": 2048}});
+                    c.call(req).unwrap()
+                })
+            })
+            .collect();
+        let mut c = Client::connect(&d.socket).unwrap();
+        let t0 = Instant::now();
+        while ok(&c.call(json!({"op": "status"})).unwrap())["stats"]["running"].as_u64().unwrap() == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "the generations never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Half the rounds by signal, half by request.
+        if round % 2 == 0 {
+            unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+        } else {
+            ok(&c.call(json!({"op": "shutdown"})).unwrap());
+        }
+        for h in clients {
+            let r = h.join().expect("every client gets a reply");
+            assert!(r["ok"] == json!(true) || r["error"]["code"] == json!("cancelled"), "round {round}: {r}");
+        }
+        let mut d = d;
+        let t0 = Instant::now();
+        let st = loop {
+            if let Some(st) = d.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "round {round}: gpod did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(st.success(), "round {round}: {st}");
+    }
+}
+
+#[test]
+fn cancel_during_evaluation_stops_within_a_second() {
+    let d = start("evalcancel", Some(&tiny_model("llama")), &scratch("st-evalcancel"));
+    let mut c = Client::connect(&d.socket).unwrap();
+    let cfg = train_config(Path::new("eval-cancel"), 2)
+        .replace("eval_count = 2", "eval_count = 400")
+        .replace("[eval]\nmax_tokens = 4", "[eval]\nmax_tokens = 256");
+    let job = ok(&c.call(json!({"op": "train", "config": cfg})).unwrap())["id"].as_u64().unwrap();
+    let sock = d.socket.clone();
+    let watcher = std::thread::spawn(move || {
+        let mut w = Client::connect(&sock).unwrap();
+        let mut in_eval = None;
+        let done = w
+            .call_with(json!({"op": "subscribe", "job": job}), |e| {
+                if e["data"]["phase"].as_str().is_some_and(|p| p.contains("base model")) && in_eval.is_none() {
+                    in_eval = Some(Instant::now());
+                }
+            })
+            .unwrap();
+        (done, in_eval)
+    });
+    let t0 = Instant::now();
+    loop {
+        let jobs = ok(&c.call(json!({"op": "status"})).unwrap())["jobs"].clone();
+        if jobs[0]["state"] == json!("running") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{jobs}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // well inside the evaluation
+    let asked = Instant::now();
+    assert_eq!(ok(&c.call(json!({"op": "cancel", "target": {"job": job}})).unwrap())["cancelled"], json!(1));
+    let (done, in_eval) = watcher.join().unwrap();
+    let took = asked.elapsed();
+    assert!(in_eval.is_some(), "the job was in its initial evaluation");
+    assert_eq!(ok(&done)["state"], json!("cancelled"), "{done}");
+    assert!(took < Duration::from_secs(1), "cancel took {took:?}");
+    assert!(!runs_root().join("eval-cancel/eval-initial.json").exists(), "stopped inside the evaluation");
+}

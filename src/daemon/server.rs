@@ -98,6 +98,8 @@ struct Job {
     owner: u32,
     cfg: RunConfig,
     cancel: Arc<AtomicBool>,
+    /// Set by a cancel and by shutdown: interrupts the initial evaluation at once.
+    interrupt: Arc<AtomicBool>,
     subscribers: Vec<Sender<(String, Value)>>,
 }
 
@@ -149,6 +151,8 @@ pub struct Shared {
     connections: AtomicUsize,
     /// Numbers connections (for cancelling a closed connection's requests).
     next_conn: AtomicU64,
+    /// Request threads that have not replied yet (shutdown waits for them).
+    active: AtomicUsize,
 }
 
 fn traj_json(t: &Trajectory) -> Value {
@@ -313,6 +317,7 @@ impl Shared {
                     if let Ok(jobs) = self.jobs.lock() {
                         for j in jobs.iter().filter(|j| j.info.id == job && (j.owner == uid || privileged(uid))) {
                             j.cancel.store(true, Ordering::Relaxed);
+                            j.interrupt.store(true, Ordering::Relaxed);
                             if matches!(j.info.state.as_str(), "queued" | "running") {
                                 // Persisted at once: a restart must not resume a cancelled job.
                                 let _ = std::fs::write(self.job_file(job, "cancelled"), "");
@@ -417,6 +422,7 @@ impl Shared {
             owner: uid,
             cfg,
             cancel: Arc::new(AtomicBool::new(false)),
+            interrupt: Arc::new(AtomicBool::new(false)),
             subscribers: Vec::new(),
         });
         let _ = self.job_tx.send(id);
@@ -457,6 +463,7 @@ struct JobProgress<'a> {
     shared: &'a Shared,
     id: u64,
     cancel: Arc<AtomicBool>,
+    interrupt: Arc<AtomicBool>,
 }
 
 impl Progress for JobProgress<'_> {
@@ -473,6 +480,9 @@ impl Progress for JobProgress<'_> {
         // A job cancel stops at once; a daemon shutdown finishes the current iteration first.
         self.cancel.load(Ordering::Relaxed) || (at_boundary && self.shared.shutdown.load(Ordering::Relaxed))
     }
+    fn cancel_flag(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.interrupt.clone())
+    }
 }
 
 fn job_worker(shared: Arc<Shared>, rx: Receiver<u64>) {
@@ -480,12 +490,9 @@ fn job_worker(shared: Arc<Shared>, rx: Receiver<u64>) {
         if shared.shutdown.load(Ordering::Relaxed) {
             return;
         }
-        let (cfg, cancel) = match shared
-            .jobs
-            .lock()
-            .ok()
-            .and_then(|j| j.iter().find(|j| j.info.id == id).map(|j| (j.cfg.clone(), j.cancel.clone())))
-        {
+        let (cfg, cancel, interrupt) = match shared.jobs.lock().ok().and_then(|j| {
+            j.iter().find(|j| j.info.id == id).map(|j| (j.cfg.clone(), j.cancel.clone(), j.interrupt.clone()))
+        }) {
             Some(x) => x,
             None => continue,
         };
@@ -494,7 +501,7 @@ fn job_worker(shared: Arc<Shared>, rx: Receiver<u64>) {
             continue;
         }
         shared.job_event(id, "progress", json!({ "state": "running" }), |i| i.state = "running".into());
-        let mut p = JobProgress { shared: &shared, id, cancel: cancel.clone() };
+        let mut p = JobProgress { shared: &shared, id, cancel: cancel.clone(), interrupt };
         match crate::gpo::run(&cfg, &mut p) {
             Ok(rows) => finish_job(&shared, id, "done", Some(json!({ "iterations": rows.len() }))),
             Err(Error::Cancelled) if shared.shutdown.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) => {
@@ -681,7 +688,12 @@ fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
             ));
             continue;
         }
+        if shared.shutdown.load(Ordering::Relaxed) {
+            out.line(&protocol::err(&req.id, "cancelled", "the daemon is shutting down"));
+            continue;
+        }
         inflight.fetch_add(1, Ordering::Relaxed);
+        shared.active.fetch_add(1, Ordering::SeqCst);
         let (shared, out, inflight) = (shared.clone(), out.clone(), inflight.clone());
         std::thread::spawn(move || {
             let reply =
@@ -697,6 +709,7 @@ fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
                 };
             out.line(&reply);
             inflight.fetch_sub(1, Ordering::Relaxed);
+            shared.active.fetch_sub(1, Ordering::SeqCst);
         });
     }
     // The client is gone: nobody will read what its requests would produce.
@@ -718,6 +731,7 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
     cfg.paths.runs = Some(runs.canonicalize().map_err(|e| Error::io(&runs, e))?);
     cfg.paths.models = std::path::absolute(&cfg.paths.models).map_err(|e| Error::io(&cfg.paths.models, e))?;
     let listener = socket::bind(&cfg.socket, cfg.group.as_deref())?;
+    let bound = std::fs::metadata(&cfg.socket).map_err(|e| Error::io(&cfg.socket, e))?;
     listener.set_nonblocking(true).map_err(|e| Error::io(&cfg.socket, e))?;
     let (job_tx, job_rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared {
@@ -729,6 +743,7 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
         shutdown: stop,
         connections: AtomicUsize::new(0),
         next_conn: AtomicU64::new(0),
+        active: AtomicUsize::new(0),
         next_id: AtomicU64::new(0),
         cfg,
     });
@@ -747,7 +762,14 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 output: run.output.clone(),
                 error: None,
             };
-            jobs.push(Job { info, owner, cfg: run, cancel: Arc::new(AtomicBool::new(false)), subscribers: Vec::new() });
+            jobs.push(Job {
+                info,
+                owner,
+                cfg: run,
+                cancel: Arc::new(AtomicBool::new(false)),
+                interrupt: Arc::new(AtomicBool::new(false)),
+                subscribers: Vec::new(),
+            });
         }
         match refused {
             None => {
@@ -800,15 +822,34 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
         }
     }
     tracing::info!("gpod stopping: finishing the current training iteration");
-    let _ = std::fs::remove_file(&shared.cfg.socket);
-    // Cancel sampling requests in flight; the job worker stops at its next iteration boundary.
+    // Only our own socket: another daemon may have replaced a stale-looking one meanwhile.
+    if socket::same_file(&shared.cfg.socket, &bound) {
+        let _ = std::fs::remove_file(&shared.cfg.socket);
+    }
+    // Sampling requests in flight end now, each with a `cancelled` reply; a job in its initial
+    // evaluation stops at once, one in an iteration after checkpointing it.
     if let Ok(r) = shared.requests.lock() {
         for c in r.iter().flat_map(|f| &f.cancellers) {
             c.cancel();
         }
     }
+    if let Ok(jobs) = shared.jobs.lock() {
+        jobs.iter().for_each(|j| j.interrupt.store(true, Ordering::Relaxed));
+    }
     let _ = shared.job_tx.send(u64::MAX); // wakes an idle worker
     let _ = worker.join();
+    // Subscribers of jobs that will not run again get their reply now.
+    if let Ok(mut jobs) = shared.jobs.lock() {
+        jobs.iter_mut().for_each(|j| j.subscribers.clear());
+    }
+    // Every request thread replies before the engine goes: then the engine thread is joined, so
+    // the process never exits while llama.cpp is still computing.
+    let t0 = std::time::Instant::now();
+    while shared.active.load(Ordering::SeqCst) > 0 && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let engine = shared.engine.write().ok().and_then(|mut e| e.take());
+    drop(engine); // the last handle: joins the engine thread
     Ok(())
 }
 

@@ -73,6 +73,12 @@ pub fn peer_uid(s: &UnixStream) -> Option<u32> {
     (rc == 0).then_some(cred.uid)
 }
 
+/// Whether `path` is still the file `bound` describes (same device and inode).
+pub fn same_file(path: &Path, bound: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == bound.dev() && m.ino() == bound.ino())
+}
+
 /// This process's uid.
 pub fn my_uid() -> u32 {
     // SAFETY: always succeeds.

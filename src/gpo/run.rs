@@ -5,7 +5,7 @@
 use super::collect::{CollectStats, Collector};
 use super::config::{Mode, RunConfig};
 use crate::engine::{Engine, EngineConfig};
-use crate::eval::{evaluate, EvalConfig};
+use crate::eval::{evaluate, evaluate_or_cancel, EvalConfig};
 use crate::reward::Verifier;
 use crate::task::{self, Task};
 use crate::train::{checkpoint, Batch, LoraConfig, OptimConfig, Trainer, TrainerConfig};
@@ -13,7 +13,8 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// One line of `metrics.jsonl`.
@@ -118,6 +119,11 @@ pub trait Progress {
     /// is committed; a later run redoes it exactly).
     fn should_stop(&mut self, _at_boundary: bool) -> bool {
         false
+    }
+    /// A flag that, once set, interrupts the initial held-out evaluation at once (it can take
+    /// minutes; iterations are interrupted through `should_stop`).
+    fn cancel_flag(&self) -> Option<Arc<AtomicBool>> {
+        None
     }
 }
 
@@ -262,7 +268,8 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
     let initial = dir.root.join("eval-initial.json");
     if !initial.exists() {
         progress.phase(0, "held-out evaluation (base model)");
-        let r = evaluate(&engine, &eval_tasks, &eval_cfg, |_| {})?;
+        let cancel = progress.cancel_flag().unwrap_or_default();
+        let r = evaluate_or_cancel(&engine, &eval_tasks, &eval_cfg, |_| {}, &cancel)?;
         let e = InitialEval { heldout_accuracy: r.greedy_accuracy, tasks: r.tasks };
         write_atomic(&initial, serde_json::to_string_pretty(&e).expect("eval").as_bytes())?;
     }
