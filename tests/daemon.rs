@@ -216,12 +216,40 @@ fn training_jobs_stream_progress_and_a_shell_client_drives_them() {
     let d = start("train", Some(&tiny_model("llama")), &scratch("st-train"));
     let out = runs_root().join("job-run");
     let mut c = Client::connect(&d.socket).unwrap();
-    let job = ok(&c.call(json!({"op": "train", "config": train_config(Path::new("job-run"), 2)})).unwrap())["id"]
+    let job = ok(&c
+        .call(json!({"op": "train", "config": train_config(Path::new("job-run"), 2), "install": true}))
+        .unwrap())["id"]
         .as_u64()
         .unwrap();
     let mut events = Vec::new();
     let done = c.call_with(json!({"op": "subscribe", "job": job}), |e| events.push(e.clone())).unwrap();
     assert_eq!(ok(&done)["state"], json!("done"), "{done}");
+    // `install`: the served engine now samples with the trained adapter.
+    let installed = &ok(&done)["result"]["installed"];
+    assert_eq!(installed["version"], json!(1), "{done}");
+    assert!(installed["adapter"].as_str().unwrap().ends_with("job-run/adapter.gguf"), "{done}");
+    let t = ok(&c.call(json!({"op": "generate", "prompt": "q", "sampling": {"max_tokens": 2}})).unwrap()).clone();
+    assert_eq!(t["trajectories"][0]["adapter_version"], json!(1));
+    // The `adapter` op: report, remove, load a run's adapter by name; paths stay in the roots.
+    assert_eq!(ok(&c.call(json!({"op": "adapter"})).unwrap())["version"], json!(1));
+    let removed = ok(&c.call(json!({"op": "adapter", "remove": true})).unwrap()).clone();
+    assert_eq!((removed["version"].clone(), removed["adapter"].clone()), (json!(2), Value::Null));
+    let back = ok(&c.call(json!({"op": "adapter", "run": "job-run", "scale": 0.5})).unwrap()).clone();
+    assert_eq!((back["version"].clone(), back["scale"].clone()), (json!(3), json!(0.5)));
+    assert_eq!(ok(&c.call(json!({"op": "status"})).unwrap())["adapter"]["scale"], json!(0.5));
+    for bad in [json!({"run": "no-such-run"}), json!({"run": "../st-train"}), json!({"path": "/etc/passwd"})] {
+        let mut req = json!({"op": "adapter"});
+        req.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        let r = c.call(req).unwrap();
+        assert_eq!(r["error"]["code"], json!("invalid"), "{r}");
+    }
+    // A run of another model is not installed into this one.
+    let other = train_config(Path::new("other-run"), 1).replace("tiny-llama.gguf", "tiny-llama-peaked.gguf");
+    tiny_model("llama-peaked");
+    let job2 = ok(&c.call(json!({"op": "train", "config": other, "install": true})).unwrap())["id"].as_u64().unwrap();
+    let done2 = c.call(json!({"op": "subscribe", "job": job2})).unwrap();
+    assert!(ok(&done2)["result"]["installed"]["error"].as_str().unwrap().contains("not installed"), "{done2}");
+    assert_eq!(ok(&c.call(json!({"op": "adapter"})).unwrap())["version"], json!(3), "unchanged");
     let iterations: Vec<u64> = events.iter().filter_map(|e| e["data"]["metrics"]["iteration"].as_u64()).collect();
     assert_eq!(iterations, vec![0, 1], "progress events for both iterations");
     assert_eq!(gpo::gpo::read_metrics(&out).unwrap().len(), 2);

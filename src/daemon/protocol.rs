@@ -95,6 +95,19 @@ impl Default for LoadEngine {
     }
 }
 
+/// What an `adapter` request asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterChange {
+    /// Report the current adapter and version.
+    Show,
+    /// Load a GGUF LoRA adapter file (inside the models root) at `scale`.
+    File { path: PathBuf, scale: f32 },
+    /// Load the final adapter of a run (a directory inside the runs root) at `scale`.
+    Run { run: PathBuf, scale: f32 },
+    /// Back to the base model.
+    Remove,
+}
+
 /// A decoded request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -120,7 +133,9 @@ pub enum Op {
     /// Queue a GPO run (TOML config text). Its paths resolve inside the daemon's roots: the
     /// output inside `[paths] runs`, model and task files inside `[paths] models`; `output`
     /// overrides the config's output (as `gpo train --output` does).
-    Train { config: String, output: Option<PathBuf> },
+    Train { config: String, output: Option<PathBuf>, install: bool },
+    /// Set, remove or report the serving engine's LoRA adapter.
+    Adapter(AdapterChange),
     /// Held-out accuracy on the serving engine.
     Eval { tasks: Vec<Task>, max_tokens: usize },
     /// Cancel a request (by its id, on any connection of the same user) or a job.
@@ -386,7 +401,38 @@ pub fn parse_request(line: &str, limits: &Limits) -> Result<Request, ProtocolErr
                 (Some(Value::String(b)), None) => Some(PathBuf::from(b)),
                 (Some(_), None) => return Err(invalid(&id, "invalid", "output must be a string (a path)")),
             },
+            install: match get(&o, "install") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(invalid(&id, "invalid", "install must be true or false")),
+            },
         },
+        "adapter" => {
+            let scale = match get(&o, "scale") {
+                None => 1.0,
+                Some(v) => match v.as_f64() {
+                    Some(x) if x.is_finite() && x.abs() <= 16.0 => x as f32,
+                    _ => return Err(invalid(&id, "invalid", "scale must be a number in [-16, 16]")),
+                },
+            };
+            let path = |k: &str| match get(&o, k) {
+                None => Ok(None),
+                Some(Value::String(p)) => Ok(Some(PathBuf::from(p))),
+                Some(_) => Err(invalid(&id, "invalid", format!("{k} must be a string (a path)"))),
+            };
+            let remove = match get(&o, "remove") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(invalid(&id, "invalid", "remove must be true or false")),
+            };
+            Op::Adapter(match (path("path")?, path("run")?, remove) {
+                (None, None, false) => AdapterChange::Show,
+                (Some(path), None, false) => AdapterChange::File { path, scale },
+                (None, Some(run), false) => AdapterChange::Run { run, scale },
+                (None, None, true) => AdapterChange::Remove,
+                _ => return Err(invalid(&id, "invalid", "give one of path, run or remove")),
+            })
+        }
         "eval" => {
             let tasks: Vec<Task> = match get(&o, "tasks") {
                 Some(t) => {
@@ -412,7 +458,7 @@ pub fn parse_request(line: &str, limits: &Limits) -> Result<Request, ProtocolErr
                 &id,
                 "unknown_op",
                 format!(
-                "unknown op {other:?} (status, load, generate, fork, values, train, eval, cancel, subscribe, shutdown)"
+                "unknown op {other:?} (status, load, generate, fork, values, train, eval, cancel, subscribe, adapter, shutdown)"
             ),
             ))
         }
@@ -485,6 +531,20 @@ mod tests {
             p(r#"{"v":1,"op":"values","trajectory":3,"answer":"5","verifier":{"kind":"exact"}}"#).unwrap().op,
             Op::Values { .. }
         ));
+        assert_eq!(p(r#"{"v":1,"op":"adapter"}"#).unwrap().op, Op::Adapter(AdapterChange::Show));
+        assert_eq!(
+            p(r#"{"v":1,"op":"adapter","run":"quick","scale":0.5}"#).unwrap().op,
+            Op::Adapter(AdapterChange::Run { run: PathBuf::from("quick"), scale: 0.5 })
+        );
+        assert_eq!(p(r#"{"v":1,"op":"adapter","remove":true}"#).unwrap().op, Op::Adapter(AdapterChange::Remove));
+        for bad in [
+            r#"{"v":1,"op":"adapter","path":"a","run":"b"}"#,
+            r#"{"v":1,"op":"adapter","path":"a","scale":1e9}"#,
+            r#"{"v":1,"op":"adapter","path":7}"#,
+            r#"{"v":1,"op":"adapter","remove":"yes"}"#,
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
         match p(r#"{"v":1,"op":"train","config":"x","output":"quick"}"#).unwrap().op {
             Op::Train { output, .. } => assert_eq!(output.as_deref(), Some(Path::new("quick"))),
             o => panic!("{o:?}"),

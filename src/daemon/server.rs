@@ -1,7 +1,7 @@
 //! gpod's server: connections, request dispatch over one shared engine, the training job queue,
 //! persistence of jobs across restarts, graceful shutdown.
 
-use super::protocol::{self, parse_request, Limits, LoadEngine, Op, Request};
+use super::protocol::{self, parse_request, AdapterChange, Limits, LoadEngine, Op, Request};
 use super::socket;
 use super::trust::{self, Paths, VerifierPolicy};
 use crate::engine::{Canceller, Engine, EngineConfig, GenerateRequest, RequestHandle, StepConfig, Trajectory};
@@ -100,6 +100,8 @@ struct Job {
     cancel: Arc<AtomicBool>,
     /// Set by a cancel and by shutdown: interrupts the initial evaluation at once.
     interrupt: Arc<AtomicBool>,
+    /// Install the final adapter into the serving engine when the job is done.
+    install: bool,
     subscribers: Vec<Sender<(String, Value)>>,
 }
 
@@ -153,6 +155,8 @@ pub struct Shared {
     next_conn: AtomicU64,
     /// Request threads that have not replied yet (shutdown waits for them).
     active: AtomicUsize,
+    /// The serving engine's adapter file and scale (None: the base model).
+    adapter: Mutex<Option<(PathBuf, f32)>>,
 }
 
 fn traj_json(t: &Trajectory) -> Value {
@@ -199,8 +203,11 @@ impl Shared {
             ..EngineConfig::slots(model, e.parallel, e.ctx_per_sequence)
         })?;
         let info = serde_json::to_value(engine.info()).expect("info");
-        *self.engine.write().map_err(|_| Error::EngineStopped("engine lock poisoned".into()))? =
-            Some((model.to_path_buf(), engine));
+        let mut slot = self.engine.write().map_err(|_| Error::EngineStopped("engine lock poisoned".into()))?;
+        *slot = Some((model.to_path_buf(), engine));
+        if let Ok(mut a) = self.adapter.lock() {
+            *a = None;
+        }
         Ok(info)
     }
 
@@ -230,6 +237,49 @@ impl Shared {
             }
         }
         Ok(out)
+    }
+
+    /// Applies an `adapter` request to the serving engine (on its engine thread) and reports
+    /// the adapter in use.
+    fn adapter(&self, change: &AdapterChange) -> Result<Value> {
+        let engine = self.engine()?;
+        let set = match change {
+            AdapterChange::Show => None,
+            AdapterChange::Remove => Some(None),
+            AdapterChange::File { path, scale } => {
+                Some(Some((trust::confine(&self.cfg.paths.models, path, "path")?, *scale)))
+            }
+            AdapterChange::Run { run, scale } => {
+                let dir = trust::confine(&self.cfg.runs_root(), run, "run")?;
+                let file = crate::gpo::run::adapter_path(&dir);
+                if !file.is_file() {
+                    return Err(Error::invalid(
+                        "run",
+                        format!("{} has no adapter yet (no iteration finished)", run.display()),
+                    ));
+                }
+                Some(Some((file, *scale)))
+            }
+        };
+        let mut current = self.adapter.lock().map_err(|_| Error::EngineStopped("adapter lock".into()))?;
+        let version = match set {
+            None => engine.stats()?.adapter_version,
+            Some(None) => {
+                let v = engine.remove_adapter()?;
+                *current = None;
+                v
+            }
+            Some(Some((file, scale))) => {
+                let v = engine.set_adapter(&file, scale)?;
+                *current = Some((file, scale));
+                v
+            }
+        };
+        Ok(json!({
+            "adapter": current.as_ref().map(|(p, _)| p.clone()),
+            "scale": current.as_ref().map(|(_, s)| *s),
+            "version": version,
+        }))
     }
 
     /// A remembered trajectory of `uid`'s (any, for a privileged uid); others' are "unknown".
@@ -267,6 +317,7 @@ impl Shared {
                     "engine": info,
                     "stats": stats,
                     "jobs": jobs,
+                    "adapter": self.adapter.lock().ok().and_then(|a| a.as_ref().map(|(p, s)| json!({"path": p, "scale": s}))),
                     "connections": self.connections.load(Ordering::Relaxed),
                 }))
             }
@@ -302,7 +353,8 @@ impl Shared {
                     crate::gpo::values::estimate(&rollouts_src, &t, &search, sampling, &steps, *critical, &mut score)?;
                 Ok(serde_json::to_value(sv).expect("values"))
             }
-            Op::Train { config, output } => self.queue_job(config, output.as_deref(), uid),
+            Op::Train { config, output, install } => self.queue_job(config, output.as_deref(), *install, uid),
+            Op::Adapter(change) => self.adapter(change),
             Op::Eval { tasks, max_tokens } => {
                 let engine = self.engine()?;
                 let r =
@@ -372,6 +424,28 @@ impl Shared {
         }
     }
 
+    /// Puts a finished run's adapter into the serving engine, if it serves the run's model.
+    fn install(&self, run: &RunConfig) -> Result<Value> {
+        let trained = match &run.model {
+            Some(m) => m.clone(),
+            None => crate::models::default_model_path(),
+        };
+        let serving = self.engine.read().ok().and_then(|g| g.as_ref().map(|(p, _)| p.clone()));
+        let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a));
+        match serving {
+            Some(s) if same(&s, &trained) => {}
+            Some(s) => {
+                return Err(Error::invalid(
+                    "install",
+                    format!("trained on {} but serving {}; not installed", trained.display(), s.display()),
+                ))
+            }
+            None => return Err(Error::invalid("install", "no model is being served")),
+        }
+        let rel = run.output.strip_prefix(self.cfg.runs_root()).unwrap_or(&run.output).to_path_buf();
+        self.adapter(&AdapterChange::Run { run: rel, scale: 1.0 })
+    }
+
     /// `jobs/<id>.<ext>` in the state directory.
     fn job_file(&self, id: u64, ext: &str) -> PathBuf {
         self.cfg.state_dir.join("jobs").join(format!("{id:06}.{ext}"))
@@ -383,7 +457,7 @@ impl Shared {
         trust::confine_run(cfg, &self.cfg.paths.models, &self.cfg.runs_root(), &self.cfg.verifier)
     }
 
-    fn queue_job(&self, config: &str, output: Option<&Path>, uid: u32) -> Result<Value> {
+    fn queue_job(&self, config: &str, output: Option<&Path>, install: bool, uid: u32) -> Result<Value> {
         // Parsed without a base directory: relative paths stay relative to the daemon's roots.
         let mut cfg = RunConfig::from_toml(config, Path::new("")).map_err(|e| match e {
             Error::Data { reason, .. } => Error::invalid("config", reason),
@@ -405,6 +479,10 @@ impl Shared {
         let id = jobs.iter().map(|j| j.info.id).chain(on_disk).max().unwrap_or(0) + 1;
         let owner = self.job_file(id, "owner");
         std::fs::write(&owner, uid.to_string()).map_err(|e| Error::io(&owner, e))?;
+        if install {
+            let f = self.job_file(id, "install");
+            std::fs::write(&f, "").map_err(|e| Error::io(&f, e))?;
+        }
         let path = self.job_file(id, "toml");
         let text = toml::to_string(&cfg).map_err(|e| Error::invalid("config", e.to_string()))?;
         std::fs::write(path.with_extension("tmp"), text).map_err(|e| Error::io(&path, e))?;
@@ -423,6 +501,7 @@ impl Shared {
             cfg,
             cancel: Arc::new(AtomicBool::new(false)),
             interrupt: Arc::new(AtomicBool::new(false)),
+            install,
             subscribers: Vec::new(),
         });
         let _ = self.job_tx.send(id);
@@ -490,8 +569,10 @@ fn job_worker(shared: Arc<Shared>, rx: Receiver<u64>) {
         if shared.shutdown.load(Ordering::Relaxed) {
             return;
         }
-        let (cfg, cancel, interrupt) = match shared.jobs.lock().ok().and_then(|j| {
-            j.iter().find(|j| j.info.id == id).map(|j| (j.cfg.clone(), j.cancel.clone(), j.interrupt.clone()))
+        let (cfg, cancel, interrupt, install) = match shared.jobs.lock().ok().and_then(|j| {
+            j.iter()
+                .find(|j| j.info.id == id)
+                .map(|j| (j.cfg.clone(), j.cancel.clone(), j.interrupt.clone(), j.install))
         }) {
             Some(x) => x,
             None => continue,
@@ -503,7 +584,16 @@ fn job_worker(shared: Arc<Shared>, rx: Receiver<u64>) {
         shared.job_event(id, "progress", json!({ "state": "running" }), |i| i.state = "running".into());
         let mut p = JobProgress { shared: &shared, id, cancel: cancel.clone(), interrupt };
         match crate::gpo::run(&cfg, &mut p) {
-            Ok(rows) => finish_job(&shared, id, "done", Some(json!({ "iterations": rows.len() }))),
+            Ok(rows) => {
+                let mut data = json!({ "iterations": rows.len() });
+                if install {
+                    data["installed"] = match shared.install(&cfg) {
+                        Ok(v) => v,
+                        Err(e) => json!({ "error": e.to_string() }),
+                    };
+                }
+                finish_job(&shared, id, "done", Some(data))
+            }
             Err(Error::Cancelled) if shared.shutdown.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) => {
                 // Interrupted by shutdown: the job stays queued on disk and resumes next start.
                 shared.job_event(id, "interrupted", json!({ "resumes": true }), |i| i.state = "interrupted".into());
@@ -527,7 +617,7 @@ fn finish_job(shared: &Shared, id: u64, state: &str, data: Option<Value>) {
 
 /// Jobs queued or running when the daemon stopped (no done/failed/cancelled marker), with the
 /// uid that queued them (the daemon's own for jobs written before owners were recorded).
-fn restore_jobs(state_dir: &Path) -> Vec<(u64, u32, RunConfig)> {
+fn restore_jobs(state_dir: &Path) -> Vec<(u64, u32, bool, RunConfig)> {
     let dir = state_dir.join("jobs");
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(&dir) else { return out };
@@ -544,7 +634,7 @@ fn restore_jobs(state_dir: &Path) -> Vec<(u64, u32, RunConfig)> {
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or_else(socket::my_uid);
         match std::fs::read_to_string(&p).ok().and_then(|t| toml::from_str::<RunConfig>(&t).ok()) {
-            Some(cfg) => out.push((id, owner, cfg)),
+            Some(cfg) => out.push((id, owner, p.with_extension("install").exists(), cfg)),
             None => tracing::warn!("skipping unreadable job {}", p.display()),
         }
     }
@@ -744,13 +834,14 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
         connections: AtomicUsize::new(0),
         next_conn: AtomicU64::new(0),
         active: AtomicUsize::new(0),
+        adapter: Mutex::new(None),
         next_id: AtomicU64::new(0),
         cfg,
     });
     if let Some(m) = shared.cfg.model.clone() {
         shared.load(&m, &shared.cfg.engine)?;
     }
-    for (id, owner, mut run) in restore_jobs(&shared.cfg.state_dir) {
+    for (id, owner, install, mut run) in restore_jobs(&shared.cfg.state_dir) {
         // Re-checked against today's roots and verifier policy before anything runs.
         let refused = shared.confine_run(&mut run).err();
         if let Ok(mut jobs) = shared.jobs.lock() {
@@ -768,6 +859,7 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 cfg: run,
                 cancel: Arc::new(AtomicBool::new(false)),
                 interrupt: Arc::new(AtomicBool::new(false)),
+                install,
                 subscribers: Vec::new(),
             });
         }

@@ -137,6 +137,12 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// The adapter of a run's latest finished iteration (a llama.cpp GGUF LoRA adapter), in its
+/// output directory.
+pub fn adapter_path(output: &Path) -> PathBuf {
+    output.join("adapter.gguf")
+}
+
 /// Directory layout of a run.
 pub struct RunDir {
     root: PathBuf,
@@ -156,7 +162,7 @@ impl RunDir {
         self.root.join("checkpoints")
     }
     fn adapter(&self) -> PathBuf {
-        self.root.join("adapter.gguf")
+        adapter_path(&self.root)
     }
     fn export(&self, it: usize, kind: &str) -> PathBuf {
         self.root.join("export").join(format!("{it:05}.{kind}.jsonl"))
