@@ -147,3 +147,16 @@ fn concurrent_adapter_swap() {
     let err = gpo::llama::LoraAdapter::load(e.model(), adapter).err().expect("refused off the engine thread");
     assert!(err.to_string().contains("set_adapter"), "{err}");
 }
+
+#[test]
+fn non_finite_logits_fail_the_request_instead_of_returning_null_logprobs() {
+    let model = tiny_model("llama");
+    let e = engine(&model, 2, 2048, KvMode::PerSequence);
+    e.set_adapter(write_adapter(&model, "nan.gguf", 4, f32::NAN, 7), 1.0).unwrap();
+    let err = e.generate(greedy_req()).unwrap_err().to_string();
+    assert!(err.contains("non-finite logits"), "{err}");
+    // The engine itself is fine: back on the base model it generates.
+    e.remove_adapter().unwrap();
+    let t = e.generate(greedy_req()).unwrap();
+    assert!(t[0].logprobs.iter().all(|l| l.is_finite()));
+}

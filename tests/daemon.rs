@@ -106,7 +106,7 @@ fn socket_is_private_stale_sockets_are_replaced_and_live_ones_kept() {
         .arg(&state)
         .output()
         .unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("served by a running gpod"));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("held by another gpod"));
     assert!(Client::connect(&d.socket).is_ok());
     drop(d);
     // The killed daemon left its socket behind: the next one replaces it.
@@ -653,4 +653,37 @@ fn cancel_during_evaluation_stops_within_a_second() {
     assert_eq!(ok(&done)["state"], json!("cancelled"), "{done}");
     assert!(took < Duration::from_secs(1), "cancel took {took:?}");
     assert!(!runs_root().join("eval-cancel/eval-initial.json").exists(), "stopped inside the evaluation");
+}
+
+#[test]
+fn two_daemons_racing_for_a_stale_socket_one_wins() {
+    for round in 0..5 {
+        let sock = scratch(&format!("race-{round}.sock"));
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap()); // stale: nobody listens
+        let spawn = |i: usize| {
+            Command::new(env!("CARGO_BIN_EXE_gpod"))
+                .arg("--socket")
+                .arg(&sock)
+                .arg("--state-dir")
+                .arg(scratch(&format!("st-race-{round}-{i}")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut both = [spawn(0), spawn(1)];
+        let t0 = Instant::now();
+        while Client::connect(&sock).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "round {round}: neither came up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let alive: Vec<bool> = both.iter_mut().map(|c| c.try_wait().unwrap().is_none()).collect();
+        assert_eq!(alive.iter().filter(|a| **a).count(), 1, "round {round}: exactly one serves ({alive:?})");
+        ok(&Client::connect(&sock).unwrap().call(json!({"op": "status"})).unwrap());
+        for c in &mut both {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

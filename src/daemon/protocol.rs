@@ -251,10 +251,24 @@ pub fn parse_request(line: &str, limits: &Limits) -> Result<Request, ProtocolErr
     let v: Value =
         serde_json::from_str(line).map_err(|e| invalid(&Value::Null, "malformed", format!("not JSON: {e}")))?;
     let Value::Object(o) = v else { return Err(invalid(&Value::Null, "malformed", "a request is a JSON object")) };
+    // Numeric ids must survive the round trip exactly, in any client's JSON: integers within
+    // ±2^53 (larger ones come back as floats, or are rounded by JavaScript clients).
+    const SAFE: u64 = 1 << 53;
     let id = match o.get("id") {
         None => Value::Null,
-        Some(v @ (Value::String(_) | Value::Number(_) | Value::Null)) => v.clone(),
-        Some(_) => return Err(invalid(&Value::Null, "invalid", "id must be a string or a number")),
+        Some(v @ (Value::String(_) | Value::Null)) => v.clone(),
+        Some(Value::Number(n))
+            if n.as_u64().is_some_and(|x| x <= SAFE) || n.as_i64().is_some_and(|x| x.unsigned_abs() <= SAFE) =>
+        {
+            Value::Number(n.clone())
+        }
+        Some(_) => {
+            return Err(invalid(
+                &Value::Null,
+                "invalid",
+                "id must be a string or an integer within ±2^53 (use a string for other ids)",
+            ))
+        }
     };
     match o.get("v") {
         None | Some(Value::Null) => return Err(invalid(&id, "version", format!("missing \"v\": {VERSION}"))),
@@ -526,6 +540,12 @@ mod tests {
             o => panic!("{o:?}"),
         }
         assert!(matches!(p(r#"{"v":1,"id":"a","op":"status"}"#).unwrap().op, Op::Status));
+        assert_eq!(p(r#"{"v":1,"id":9007199254740992,"op":"status"}"#).unwrap().id, serde_json::json!(1u64 << 53));
+        assert_eq!(p(r#"{"v":1,"id":-5,"op":"status"}"#).unwrap().id, serde_json::json!(-5));
+        for bad in ["9007199254740993", "18446744073709551616", "1.5", "[1]"] {
+            let e = p(&format!(r#"{{"v":1,"id":{bad},"op":"status"}}"#)).unwrap_err();
+            assert!(e.message.contains("2^53"), "{bad}: {}", e.message);
+        }
         assert!(matches!(p(r#"{"v":1,"op":"fork","trajectory":3,"at":2}"#).unwrap().op, Op::Fork { n: 1, .. }));
         assert!(matches!(
             p(r#"{"v":1,"op":"values","trajectory":3,"answer":"5","verifier":{"kind":"exact"}}"#).unwrap().op,

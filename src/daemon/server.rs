@@ -820,6 +820,7 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // Absolute roots: jobs store their resolved paths, and a restart must read them the same way.
     cfg.paths.runs = Some(runs.canonicalize().map_err(|e| Error::io(&runs, e))?);
     cfg.paths.models = std::path::absolute(&cfg.paths.models).map_err(|e| Error::io(&cfg.paths.models, e))?;
+    let _lock = socket::lock(&cfg.socket)?;
     let listener = socket::bind(&cfg.socket, cfg.group.as_deref())?;
     let bound = std::fs::metadata(&cfg.socket).map_err(|e| Error::io(&cfg.socket, e))?;
     listener.set_nonblocking(true).map_err(|e| Error::io(&cfg.socket, e))?;

@@ -7,6 +7,31 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
+/// Takes the daemon's lock for `path` (`<path>.lock`, an exclusive `flock` held while the
+/// returned file is open), so two daemons starting together cannot both decide that a socket is
+/// stale and both serve. The lock file is left in place: removing it would reopen the race.
+pub fn lock(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock = std::path::PathBuf::from(name);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock)
+        .map_err(|e| Error::io(&lock, e))?;
+    // SAFETY: a valid open descriptor; flock only takes an advisory lock on it.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::invalid(
+            "socket",
+            format!("{} is held by another gpod (its lock {} is taken)", path.display(), lock.display()),
+        ));
+    }
+    Ok(f)
+}
+
 /// Binds `path`. An existing socket that accepts connections belongs to a live daemon: refused.
 /// One that refuses them is stale: removed. Anything that is not a socket is never touched.
 pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {

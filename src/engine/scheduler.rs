@@ -552,10 +552,15 @@ impl Scheduler {
         }
         // B. One pass over each logit row: max, log-sum-exp; then each member samples.
         let mut sampled: Vec<(usize, Token, f32)> = Vec::new();
+        let mut broken = Vec::new();
         for (index, members) in groups {
             let logits = self.ctx.logits(index).expect("logits were requested for this token");
             let temperature = self.slots[members[0]].running.as_ref().expect("running").w.job.sampling.temperature;
             let stats = row_stats(logits, temperature);
+            if !(stats.max.is_finite() && stats.log_sum_exp.is_finite()) {
+                broken.extend(members);
+                continue;
+            }
             for slot in members {
                 let w = &mut self.slots[slot].running.as_mut().expect("running").w;
                 let (token, logprob) = sample(w, logits, &stats, &mut self.scratch);
@@ -565,6 +570,10 @@ impl Scheduler {
         // C. Record the tokens and apply stop conditions.
         for (slot, token, logprob) in sampled {
             self.accept(slot, token, logprob);
+        }
+        for slot in broken {
+            let why = "the model produced non-finite logits (NaN or infinity): its weights or adapter are broken";
+            self.fail_slot(slot, Error::Decode { code: -2, reason: why.into() });
         }
     }
 
@@ -687,12 +696,17 @@ impl Scheduler {
         let msg = e.to_string();
         tracing::error!("decode failed, failing running requests: {msg}");
         for slot in 0..self.slots.len() {
-            if let Some(r) = self.slots[slot].running.take() {
-                r.w.job.cancelled.store(true, Ordering::Relaxed); // drop its queued sequences too
-                let _ = r.w.job.events.send(Event::Failed(Error::Decode { code: -1, reason: msg.clone() }));
-                self.ctx.truncate(slot as i32, 0);
-                self.slots[slot].tokens.clear();
-            }
+            self.fail_slot(slot, Error::Decode { code: -1, reason: msg.clone() });
+        }
+    }
+
+    /// Fails the request running in `slot` (and drops its queued sequences).
+    fn fail_slot(&mut self, slot: usize, e: Error) {
+        if let Some(r) = self.slots[slot].running.take() {
+            r.w.job.cancelled.store(true, Ordering::Relaxed);
+            let _ = r.w.job.events.send(Event::Failed(e));
+            self.ctx.truncate(slot as i32, 0);
+            self.slots[slot].tokens.clear();
         }
     }
 }

@@ -75,7 +75,8 @@ pub fn rss_kib() -> u64 {
         .expect("VmRSS")
 }
 
-/// Writes a random LoRA adapter on `model`'s q and v projections (B uniform in ±`b`, 0 = zero).
+/// Writes a random LoRA adapter on `model`'s q and v projections (B uniform in ±`b`; exactly
+/// zero for b = 0, all NaN for b = NaN).
 pub fn write_adapter(model: &Path, name: &str, rank: usize, b: f32, seed: u64) -> PathBuf {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let tensors = linear_tensors(model)
@@ -88,7 +89,7 @@ pub fn write_adapter(model: &Path, name: &str, rank: usize, b: f32, seed: u64) -
             n_in,
             n_out,
             a: (0..rank * n_in).map(|_| rng.random_range(-0.1..0.1)).collect(),
-            b: (0..n_out * rank).map(|_| if b == 0.0 { 0.0 } else { rng.random_range(-b..b) }).collect(),
+            b: (0..n_out * rank).map(|_| if b == 0.0 || b.is_nan() { b } else { rng.random_range(-b..b) }).collect(),
         })
         .collect();
     let path = scratch(name);
