@@ -16,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod ffi;
+pub mod fsutil;
 pub mod gguf;
 pub mod gpo;
 pub mod llama;

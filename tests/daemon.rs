@@ -293,6 +293,8 @@ fn sigterm_stops_cleanly_and_kill_9_mid_training_resumes_after_restart() {
     let d = start("crash", Some(&tiny_model("llama")), &state);
     let mut c = Client::connect(&d.socket).unwrap();
     ok(&c.call(json!({"op": "train", "config": train_config(Path::new("crash-run"), 5)})).unwrap());
+    // A second job waits in the queue behind the first.
+    ok(&c.call(json!({"op": "train", "config": train_config(Path::new("crash-queued"), 1)})).unwrap());
     // Kill -9 once the first iteration is committed.
     let t0 = Instant::now();
     while gpo::gpo::read_metrics(&out).map_or(0, |m| m.len()) < 1 {
@@ -309,6 +311,9 @@ fn sigterm_stops_cleanly_and_kill_9_mid_training_resumes_after_restart() {
     let mut c2 = Client::connect(&d2.socket).unwrap();
     let done = c2.call(json!({"op": "subscribe", "job": 1})).unwrap();
     assert_eq!(ok(&done)["state"], json!("done"), "{done}");
+    let queued = c2.call(json!({"op": "subscribe", "job": 2})).unwrap();
+    assert_eq!(ok(&queued)["state"], json!("done"), "the queued job resumed with its id: {queued}");
+    assert_eq!(gpo::gpo::read_metrics(&runs_root().join("crash-queued")).unwrap().len(), 1);
     let rows = gpo::gpo::read_metrics(&out).unwrap();
     assert_eq!(rows.iter().map(|r| r.iteration).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4], "each iteration once");
     // Job ids continue past every job the state directory has held; a cancel is persisted at
@@ -316,8 +321,8 @@ fn sigterm_stops_cleanly_and_kill_9_mid_training_resumes_after_restart() {
     let second = ok(&c2.call(json!({"op": "train", "config": train_config(Path::new("crash-2"), 50)})).unwrap())["id"]
         .as_u64()
         .unwrap();
-    assert_eq!(second, 2);
-    assert_eq!(ok(&c2.call(json!({"op": "cancel", "target": {"job": 2}})).unwrap())["cancelled"], json!(1));
+    assert_eq!(second, 3);
+    assert_eq!(ok(&c2.call(json!({"op": "cancel", "target": {"job": 3}})).unwrap())["cancelled"], json!(1));
     // SIGTERM: the daemon exits by itself and removes its socket.
     let mut d2 = d2;
     unsafe { libc::kill(d2.child.id() as i32, libc::SIGTERM) };
@@ -338,8 +343,16 @@ fn sigterm_stops_cleanly_and_kill_9_mid_training_resumes_after_restart() {
     let third = ok(&c3.call(json!({"op": "train", "config": train_config(Path::new("crash-3"), 50)})).unwrap())["id"]
         .as_u64()
         .unwrap();
-    assert_eq!(third, 3, "ids are unique across restarts");
-    ok(&c3.call(json!({"op": "cancel", "target": {"job": 3}})).unwrap());
+    assert_eq!(third, 4, "ids are unique across restarts");
+    ok(&c3.call(json!({"op": "cancel", "target": {"job": 4}})).unwrap());
+    // A daemon whose socket path was taken over meanwhile leaves the newcomer's socket alone.
+    std::fs::remove_file(&d3.socket).unwrap();
+    let newcomer = std::os::unix::net::UnixListener::bind(&d3.socket).unwrap();
+    let mut d3 = d3;
+    unsafe { libc::kill(d3.child.id() as i32, libc::SIGTERM) };
+    assert!(d3.child.wait().unwrap().success());
+    assert!(d3.socket.exists(), "the other socket was unlinked");
+    drop(newcomer);
 }
 
 #[test]

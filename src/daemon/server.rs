@@ -6,6 +6,7 @@ use super::socket;
 use super::trust::{self, Paths, VerifierPolicy};
 use crate::engine::{Canceller, Engine, EngineConfig, GenerateRequest, RequestHandle, StepConfig, Trajectory};
 use crate::eval::{evaluate, EvalConfig};
+use crate::fsutil::write_atomic;
 use crate::gpo::{MetricsRow, Progress, RunConfig};
 use crate::reward::Verifier;
 use crate::{Error, Result};
@@ -372,7 +373,7 @@ impl Shared {
                             j.interrupt.store(true, Ordering::Relaxed);
                             if matches!(j.info.state.as_str(), "queued" | "running") {
                                 // Persisted at once: a restart must not resume a cancelled job.
-                                let _ = std::fs::write(self.job_file(job, "cancelled"), "");
+                                let _ = write_atomic(&self.job_file(job, "cancelled"), b"");
                             }
                             n += 1;
                         }
@@ -477,16 +478,13 @@ impl Shared {
             .filter_map(|e| e.path().file_stem()?.to_str()?.parse::<u64>().ok())
             .max();
         let id = jobs.iter().map(|j| j.info.id).chain(on_disk).max().unwrap_or(0) + 1;
-        let owner = self.job_file(id, "owner");
-        std::fs::write(&owner, uid.to_string()).map_err(|e| Error::io(&owner, e))?;
+        // Owner and install marker first: the job file's appearance makes the job real.
+        write_atomic(&self.job_file(id, "owner"), uid.to_string().as_bytes())?;
         if install {
-            let f = self.job_file(id, "install");
-            std::fs::write(&f, "").map_err(|e| Error::io(&f, e))?;
+            write_atomic(&self.job_file(id, "install"), b"")?;
         }
-        let path = self.job_file(id, "toml");
         let text = toml::to_string(&cfg).map_err(|e| Error::invalid("config", e.to_string()))?;
-        std::fs::write(path.with_extension("tmp"), text).map_err(|e| Error::io(&path, e))?;
-        std::fs::rename(path.with_extension("tmp"), &path).map_err(|e| Error::io(&path, e))?;
+        write_atomic(&self.job_file(id, "toml"), text.as_bytes())?;
         let info = JobInfo {
             id,
             state: "queued".into(),
@@ -606,7 +604,8 @@ fn job_worker(shared: Arc<Shared>, rx: Receiver<u64>) {
 }
 
 fn finish_job(shared: &Shared, id: u64, state: &str, data: Option<Value>) {
-    let _ = std::fs::write(shared.job_file(id, state), data.as_ref().map(|d| d.to_string()).unwrap_or_default());
+    let _ =
+        write_atomic(&shared.job_file(id, state), data.as_ref().map(|d| d.to_string()).unwrap_or_default().as_bytes());
     let err = data.as_ref().and_then(|d| d.get("error")).and_then(Value::as_str).map(str::to_string);
     let kind = if state == "done" { "done" } else { "failed" };
     shared.job_event(id, kind, json!({ "job": id, "state": state, "result": data }), |i| {

@@ -17,23 +17,16 @@ pub fn read_content(path: &Path) -> Result<(Content, std::fs::File)> {
     Ok((content, f))
 }
 
-/// Writes a GGUF file atomically (temporary file in the same directory, then rename).
+/// Writes a GGUF file atomically and durably ([`crate::fsutil::write_atomic_with`]).
 pub fn write_atomic(path: &Path, metadata: &[(String, Value)], tensors: &[(String, QTensor)]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
+    crate::fsutil::write_atomic_with(path, |file| {
+        let mut f = std::io::BufWriter::new(file);
         let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         gguf_file::write(&mut f, &md, &ts)
             .map_err(|e| Error::Gguf { path: path.to_path_buf(), reason: e.to_string() })?;
-        let f = f.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        std::io::Write::flush(&mut f).map_err(|e| Error::io(path, e))
+    })
 }
 
 /// A string metadata value, or None.

@@ -131,11 +131,7 @@ pub trait Progress {
 pub struct Quiet;
 impl Progress for Quiet {}
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
+use crate::fsutil::write_atomic;
 
 /// The adapter of a run's latest finished iteration (a llama.cpp GGUF LoRA adapter), in its
 /// output directory.

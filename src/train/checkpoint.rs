@@ -65,13 +65,7 @@ pub fn fingerprint(model: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    let f = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
+use crate::fsutil::write_atomic;
 
 /// The step directory name.
 pub fn step_dir(dir: &Path, step: u64) -> PathBuf {
@@ -110,7 +104,7 @@ impl Trainer {
         let opt_path = out.join("optimizer.safetensors");
         let tmp = opt_path.with_extension("tmp");
         candle_core::safetensors::save(&state, &tmp).map_err(cerr)?;
-        std::fs::rename(&tmp, &opt_path).map_err(|e| Error::io(&opt_path, e))?;
+        crate::fsutil::commit(&tmp, &opt_path)?;
         let manifest = Manifest {
             format: FORMAT,
             step: self.step,
