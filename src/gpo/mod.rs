@@ -3,6 +3,7 @@
 //! online (GPO-GRPO/PPO) or offline (GPO-DPO/KTO/SimPO/ORPO) — plus the baselines at equal
 //! budget. Driven by `gpo train --config run.toml`.
 
+pub mod chart;
 pub mod collect;
 pub mod config;
 pub mod export;

@@ -5,6 +5,7 @@
 //! the tables into the README between `<!-- report:<setting> -->` markers, so every number there
 //! is regenerated from committed metrics.
 
+use super::chart::{self, Curve, Panel, Series};
 use super::run::{read_metrics, InitialEval, MetricsRow};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
@@ -229,19 +230,9 @@ pub fn splice(doc: &str, name: &str, content: &str) -> Option<String> {
     Some(format!("{}\n{}\n{}", &doc[..a], content.trim_end(), &doc[b..]))
 }
 
-/// XML-escapes text for SVG.
-pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
-/// Line colours, one per arm or run.
-pub(crate) const COLORS: [&str; 8] =
-    ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
-
-/// Points (x, mean, band low, band high). In the report the band is the range over seeds (a
-/// t-interval over two or three seeds would cover the whole plot; the tables give the intervals).
-pub(crate) type Curve = Vec<(f64, f64, f64, f64)>;
-
+/// Mean and range over seeds at every x all runs share. In the report the band is the range over
+/// seeds (a t-interval over two or three seeds would cover the whole plot; the tables give the
+/// intervals).
 fn curve(points: &[Vec<(f64, f64)>]) -> Curve {
     let mut by_x: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
     for run in points {
@@ -260,75 +251,19 @@ fn curve(points: &[Vec<(f64, f64)>]) -> Curve {
         .collect()
 }
 
-/// One plot panel at horizontal offset `x0`: axes, grid, and per curve its band, line and points.
-pub(crate) fn panel(svg: &mut String, x0: f64, title: &str, curves: &[Curve], x_max: f64) {
-    let (w, h, left, top) = (400.0, 240.0, x0 + 50.0, 40.0);
-    let _ = write!(svg, r#"<text x="{left}" y="24" font-size="14" font-weight="bold">{}</text>"#, escape(title));
-    let _ = write!(svg, r##"<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>"##);
-    for k in 0..=4 {
-        let y = top + h - h * k as f64 / 4.0;
-        let _ = write!(
-            svg,
-            r##"<line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" font-size="10" text-anchor="end">{:.2}</text>"##,
-            left + w,
-            left - 4.0,
-            y + 3.0,
-            k as f64 / 4.0
-        );
-    }
-    let xm = x_max.max(1.0);
-    for k in 0..=4 {
-        let it = (xm * k as f64 / 4.0).round();
-        let _ = write!(
-            svg,
-            r#"<text x="{}" y="{}" font-size="10" text-anchor="middle">{it}</text>"#,
-            left + w * it / xm,
-            top + h + 14.0
-        );
-    }
-    let _ = write!(
-        svg,
-        r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">iteration</text>"#,
-        left + w / 2.0,
-        top + h + 30.0
-    );
-    let px = |x: f64| left + w * x / xm;
-    let py = |y: f64| top + h - h * y.clamp(0.0, 1.0);
-    for (i, c) in curves.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        if c.len() > 1 && c.iter().any(|p| p.3 > p.2) {
-            let upper = c.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.3)));
-            let lower = c.iter().rev().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.2)));
-            let band: Vec<String> = upper.chain(lower).collect();
-            let _ = write!(
-                svg,
-                r#"<polygon fill="{color}" fill-opacity="0.15" stroke="none" points="{}"/>"#,
-                band.join(" ")
-            );
-        }
-        if c.len() > 1 {
-            let line: Vec<String> = c.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1))).collect();
-            let _ =
-                write!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, line.join(" "));
-        }
-        for p in c {
-            let _ = write!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, px(p.0), py(p.1));
-        }
-    }
-}
-
 /// The SVG of one setting: held-out accuracy and the root samples' accuracy per iteration, mean
 /// line and the range over seeds per arm.
-pub fn plot(setting: &str, arms: &[Arm]) -> String {
-    let held: Vec<Curve> = arms
+pub fn plot(setting: &str, arms: &[Arm]) -> Result<String> {
+    let label = |a: &Arm| format!("{} ({} seed{})", a.name, a.runs.len(), if a.runs.len() == 1 { "" } else { "s" });
+    let held = arms
         .iter()
         .map(|a| {
             let pts: Vec<Vec<(f64, f64)>> =
                 a.runs.iter().map(|r| r.heldout.iter().map(|(&i, &v)| (i as f64, v)).collect()).collect();
-            curve(&pts)
+            Series { label: label(a), points: curve(&pts) }
         })
         .collect();
-    let train: Vec<Curve> = arms
+    let train = arms
         .iter()
         .map(|a| {
             let pts: Vec<Vec<(f64, f64)>> = a
@@ -336,37 +271,16 @@ pub fn plot(setting: &str, arms: &[Arm]) -> String {
                 .iter()
                 .map(|r| r.rows.iter().map(|m| ((m.iteration + 1) as f64, m.accuracy)).collect())
                 .collect();
-            curve(&pts)
+            Series { label: label(a), points: curve(&pts) }
         })
         .collect();
-    let x_max = held.iter().chain(&train).flat_map(|c| c.iter().map(|p| p.0)).fold(1.0, f64::max);
-    let rows = arms.len().div_ceil(4);
-    let height = 340.0 + 18.0 * rows as f64;
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="960" height="{height}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>"#
-    );
-    panel(&mut svg, 0.0, &format!("{setting}: held-out greedy accuracy"), &held, x_max);
-    panel(&mut svg, 480.0, &format!("{setting}: accuracy of root samples"), &train, x_max);
-    let _ = write!(
-        svg,
-        r##"<text x="940" y="{}" font-size="11" text-anchor="end" fill="#555">line: mean over seeds; band: range over seeds</text>"##,
-        height - 6.0
-    );
-    for (i, a) in arms.iter().enumerate() {
-        let (x, y) = (60.0 + 220.0 * (i % 4) as f64, 330.0 + 18.0 * (i / 4) as f64);
-        let seeds = a.runs.len();
-        let _ = write!(
-            svg,
-            r#"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{y}" font-size="12">{} ({seeds} seed{})</text>"#,
-            y - 10.0,
-            COLORS[i % COLORS.len()],
-            x + 16.0,
-            escape(&a.name),
-            if seeds == 1 { "" } else { "s" }
-        );
-    }
-    svg.push_str("</svg>\n");
-    svg
+    chart::svg(
+        &[
+            Panel { title: format!("{setting}: held-out greedy accuracy"), series: held },
+            Panel { title: format!("{setting}: accuracy of root samples"), series: train },
+        ],
+        Some("line: mean over seeds; band: range over seeds"),
+    )
 }
 
 /// Writes `<plots>/experiment-<setting>.svg` for every setting under `dir` and, when `readme`
@@ -379,7 +293,7 @@ pub fn report(dir: &Path, readme: Option<&Path>, plots: &Path) -> Result<Vec<Str
     };
     for (setting, arms) in &settings {
         let out = plots.join(format!("experiment-{setting}.svg"));
-        std::fs::write(&out, plot(setting, arms)).map_err(|e| Error::io(&out, e))?;
+        std::fs::write(&out, plot(setting, arms)?).map_err(|e| Error::io(&out, e))?;
         let t = table(arms);
         match doc.as_mut() {
             Some(d) => {
@@ -413,6 +327,5 @@ mod tests {
         let doc = "a\n<!-- report:x -->\nold\n<!-- /report:x -->\nb";
         assert_eq!(splice(doc, "x", "new").unwrap(), "a\n<!-- report:x -->\nnew\n<!-- /report:x -->\nb");
         assert!(splice(doc, "y", "new").is_none());
-        assert_eq!(escape("a<b & \"c\">"), "a&lt;b &amp; &quot;c&quot;&gt;");
     }
 }
