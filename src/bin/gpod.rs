@@ -3,7 +3,7 @@
 use clap::Parser;
 use gpo::daemon::{serve, DaemonConfig};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -28,12 +28,6 @@ struct Cli {
     /// Root of the run directories clients' training jobs write (overrides `[paths] runs`).
     #[arg(long)]
     runs_dir: Option<PathBuf>,
-}
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
 }
 
 fn main() {
@@ -66,21 +60,14 @@ fn main() {
     if let Some(d) = cli.runs_dir {
         cfg.paths.runs = Some(d);
     }
-    // SIGTERM / SIGINT: finish (or checkpoint) the current training step, then exit.
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-    }
+    // SIGTERM / SIGINT: stop admitting, reply to what is in flight, checkpoint, exit.
     let stop = Arc::new(AtomicBool::new(false));
-    let watch = stop.clone();
-    std::thread::spawn(move || loop {
-        if STOP.load(Ordering::Relaxed) {
-            watch.store(true, Ordering::Relaxed);
-            return;
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            eprintln!("error: cannot handle signal {sig}: {e}");
+            std::process::exit(1);
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    });
+    }
     if let Err(e) = serve(cfg, stop) {
         eprintln!("error: {e}");
         std::process::exit(1);
