@@ -325,7 +325,8 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("gpo-engine".into())
             .spawn(move || {
-                scheduler.model().bind_owner();
+                let mut scheduler = scheduler;
+                scheduler.bind_thread();
                 scheduler.run()
             })
             .map_err(|e| Error::EngineStopped(format!("could not spawn the engine thread: {e}")))?;

@@ -167,9 +167,10 @@ impl Scheduler {
     }
 
     /// Runs until shutdown.
-    /// The model this scheduler decodes with.
-    pub fn model(&self) -> &Arc<Model> {
-        self.ctx.model()
+    /// Makes the calling thread the engine thread: the only one that may decode with the
+    /// context or change its model's adapters (asserted in the context, refused for adapters).
+    pub fn bind_thread(&mut self) {
+        self.ctx.bind_owner();
     }
 
     pub fn run(mut self) {

@@ -79,6 +79,9 @@ pub struct Context {
     adapter: Option<(Arc<LoraAdapter>, f32)>,
     /// Batch indices that carried logits in the last successful decode, ascending.
     outputs: Vec<i32>,
+    /// The engine thread that owns this context, once an engine runs it: decoding and adapter
+    /// swaps (which touch the model's unlocked adapter set) are asserted to happen there.
+    owner: Option<std::thread::ThreadId>,
 }
 
 // SAFETY: a llama_context may move between threads; it is never used from two at once (&mut self).
@@ -140,7 +143,29 @@ impl Context {
         })?;
         // SAFETY: valid context.
         let mem = unsafe { sys::llama_get_memory(ptr.as_ptr()) };
-        Ok(Context { ptr, mem, model, n_seq_max: p.n_seq_max, kv_mode: p.kv_mode, adapter: None, outputs: Vec::new() })
+        Ok(Context {
+            ptr,
+            mem,
+            model,
+            n_seq_max: p.n_seq_max,
+            kv_mode: p.kv_mode,
+            adapter: None,
+            outputs: Vec::new(),
+            owner: None,
+        })
+    }
+
+    /// Binds this context and its model to the calling (engine) thread.
+    pub(crate) fn bind_owner(&mut self) {
+        self.owner = Some(std::thread::current().id());
+        self.model.bind_owner();
+    }
+
+    fn assert_owner(&self) {
+        assert!(
+            self.owner.is_none_or(|t| t == std::thread::current().id()),
+            "an engine's llama.cpp context used off its engine thread"
+        );
     }
 
     /// The model this context runs.
@@ -183,6 +208,7 @@ impl Context {
     /// Runs the model on a batch. On `NoKvSlot` the memory is unchanged and the batch can be
     /// retried after freeing cells.
     pub fn decode(&mut self, batch: &Batch) -> std::result::Result<(), DecodeError> {
+        self.assert_owner();
         for i in 0..batch.len() {
             self.check_seq(batch.seq_at(i));
         }
@@ -257,6 +283,7 @@ impl Context {
     /// Sets (or with `None` removes) the LoRA adapter. The previous adapter is released only after
     /// the context stops using it, so a swap never frees memory llama.cpp still points at.
     pub fn set_adapter(&mut self, adapter: Option<(Arc<LoraAdapter>, f32)>) -> Result<()> {
+        self.assert_owner();
         if let Some((a, _)) = &adapter {
             if !Arc::ptr_eq(a.model(), &self.model) {
                 return Err(Error::Adapter {
