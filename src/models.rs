@@ -49,11 +49,15 @@ pub fn models_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("GPO_MODELS_DIR") {
         return PathBuf::from(d);
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
+    cache_dir().join("gpo").join("models")
+}
+
+/// The user's cache directory: `$XDG_CACHE_HOME`, else `~/.cache`, else `.`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    cache.join("gpo").join("models")
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Path of the default model (whether or not it exists yet).
