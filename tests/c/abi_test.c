@@ -5,6 +5,7 @@
  *   usage: abi_test model.gguf run.toml work-dir */
 #include "gpo.h"
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,13 +34,14 @@ static int stop_after_first(void *user, const GpoProgress *p) {
     return p->iteration == 0 ? 1 : 0;
 }
 
-struct gen_args { GpoEngine *engine; GpoStatus status; };
+struct gen_args { GpoEngine *engine; GpoStatus status; atomic_int done; };
 static void *long_generate(void *arg) {
     struct gen_args *a = (struct gen_args *)arg;
     GpoSamplingParams sp = gpo_sampling_default_params();
     sp.max_tokens = 100000;
     GpoTrajectories *out = NULL;
     a->status = gpo_generate(a->engine, "count forever", true, 2, &sp, &out);
+    atomic_store(&a->done, 1);
     gpo_trajectories_free(out); /* NULL on failure: a no-op */
     return NULL;
 }
@@ -146,11 +148,15 @@ int main(int argc, char **argv) {
     gpo_trajectories_free(t);
 
     /* Cancel a long call from another thread. */
-    struct gen_args ga = { engine, GPO_OK };
+    /* gpo_engine_cancel() stops the calls in flight, so it is repeated until the call (which
+       cannot finish by itself in that time) has started and returned, however slow the machine. */
+    struct gen_args ga = { engine, GPO_OK, 0 };
     pthread_t th;
     pthread_create(&th, NULL, long_generate, &ga);
-    usleep(200 * 1000);
-    EXPECT(gpo_engine_cancel(engine) == GPO_OK);
+    while (!atomic_load(&ga.done)) {
+        EXPECT(gpo_engine_cancel(engine) == GPO_OK);
+        usleep(20 * 1000);
+    }
     pthread_join(th, NULL);
     EXPECT(ga.status == GPO_CANCELLED);
     gpo_engine_free(engine);
