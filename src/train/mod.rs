@@ -30,7 +30,7 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use lora::cerr;
 use model::Forward;
-pub use ops::GradSink;
+pub use ops::{Clock, GradSink};
 use optim::AdamW;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -164,8 +164,25 @@ pub struct StepReport {
     pub reward_mean: Option<f64>,
     /// Mean implicit-reward margin of pairs (chosen − rejected, relative to the reference for DPO).
     pub margin: Option<f64>,
+    /// Where the step's time went.
+    pub phases: StepPhases,
     /// Why the step was not applied (non-finite input or gradient).
     pub skipped: Option<String>,
+}
+
+/// Wall time of a step's phases, in seconds. `backward` includes `recompute` (the checkpointed
+/// blocks and output-head chunks run again with gradients); the rest of `seconds` is loss
+/// arithmetic and bookkeeping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepPhases {
+    /// Forward passes (with and without gradients: policy, reference, π_old).
+    pub forward: f64,
+    /// Backward passes.
+    pub backward: f64,
+    /// Of `backward`: recomputation of checkpointed blocks and head chunks.
+    pub recompute: f64,
+    /// Gradient clipping and the AdamW update.
+    pub optimizer: f64,
 }
 
 /// The trainer: frozen base weights, the LoRA adapter, AdamW.
@@ -175,6 +192,8 @@ pub struct Trainer {
     lora: Lora,
     optim: AdamW,
     sink: GradSink,
+    /// Forward and backward wall time of the current step.
+    clocks: (Clock, Clock),
     step: u64,
     fingerprint: String,
     /// π_old fixed for the epochs of one step (None: take it from the gradient pass).
@@ -226,7 +245,17 @@ impl Trainer {
         let fingerprint = checkpoint::fingerprint(&cfg.model)?;
         let lora = Lora::new(&weights, &LoraConfig { seed: cfg.lora.seed ^ cfg.seed, ..cfg.lora.clone() })?;
         let optim = AdamW::new(cfg.optim.clone(), &lora.vars())?;
-        Ok(Trainer { cfg, weights, lora, optim, sink: GradSink::default(), step: 0, fingerprint, frozen_old: None })
+        Ok(Trainer {
+            cfg,
+            weights,
+            lora,
+            optim,
+            sink: GradSink::default(),
+            clocks: Default::default(),
+            step: 0,
+            fingerprint,
+            frozen_old: None,
+        })
     }
 
     /// Settings.
@@ -264,12 +293,12 @@ impl Trainer {
     /// base model (the reference policy).
     pub fn logprobs(&self, prompt: &[u32], completion: &[u32], adapter: bool) -> Result<Vec<f64>> {
         let seq: Vec<u32> = prompt.iter().chain(completion).copied().collect();
-        to_vec(&self.forward(adapter).logprobs(&seq, prompt.len(), self.cfg.temperature, false)?)
+        to_vec(&self.clocks.0.time(|| self.forward(adapter).logprobs(&seq, prompt.len(), self.cfg.temperature, false))?)
     }
 
     fn lp_grad(&self, prompt: &[u32], completion: &[u32]) -> Result<Tensor> {
         let seq: Vec<u32> = prompt.iter().chain(completion).copied().collect();
-        self.forward(true).logprobs(&seq, prompt.len(), self.cfg.temperature, true)
+        self.clocks.0.time(|| self.forward(true).logprobs(&seq, prompt.len(), self.cfg.temperature, true))
     }
 
     /// Writes the adapter as a llama.cpp GGUF LoRA file.
@@ -293,6 +322,8 @@ impl Trainer {
             return Ok(report);
         }
         self.sink.clear();
+        // Forward passes outside a step (log-probs for reports) do not count towards it.
+        let _ = (self.clocks.0.take(), self.clocks.1.take(), self.sink.recompute.take());
         let loss = match batch {
             Batch::Completions(items) => self.policy_loss(items, &mut report)?,
             Batch::Pairs(items) => self.pair_loss(items, &mut report)?,
@@ -306,7 +337,14 @@ impl Trainer {
                 Some(format!("non-finite {} — step not applied", if loss.is_finite() { "gradient" } else { "loss" }));
             return Ok(report);
         }
+        let t_opt = Instant::now();
         let (norm, lr) = self.optim.step(&vars, &grads)?;
+        report.phases = StepPhases {
+            forward: self.clocks.0.take(),
+            backward: self.clocks.1.take(),
+            recompute: self.sink.recompute.take(),
+            optimizer: t_opt.elapsed().as_secs_f64(),
+        };
         self.step += 1;
         report.step = self.step;
         report.grad_norm = norm;
@@ -540,7 +578,7 @@ impl Trainer {
         }
         let total = Tensor::stack(&parts, 0).and_then(|t| t.sum_all()).map_err(cerr)?;
         let value = scalar(&total)?;
-        let grads = total.backward().map_err(cerr)?;
+        let grads = self.clocks.1.time(|| total.backward()).map_err(cerr)?;
         // Adapter tensors used outside checkpointed blocks (the plain baseline) report here.
         for v in self.lora.vars() {
             if let Some(g) = grads.get(v.as_tensor()) {

@@ -94,6 +94,8 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
 #[derive(Clone, Default)]
 pub struct GradSink {
     inner: Arc<Mutex<HashMap<TensorId, Tensor>>>,
+    /// Time the checkpointed blocks feeding this sink spent on recomputation.
+    pub recompute: Clock,
 }
 
 impl GradSink {
@@ -116,6 +118,25 @@ impl GradSink {
     /// Forgets all gradients.
     pub fn clear(&self) {
         self.inner.lock().expect("grad sink poisoned").clear();
+    }
+}
+
+/// Accumulated wall time of one phase of a training step (shared, thread-safe; for the profile).
+#[derive(Clone, Default)]
+pub struct Clock(Arc<std::sync::atomic::AtomicU64>);
+
+impl Clock {
+    /// Runs `f`, adding its wall time to the clock.
+    pub fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t0 = std::time::Instant::now();
+        let r = f();
+        self.0.fetch_add(t0.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// Seconds counted since the last `take`; resets the clock.
+    pub fn take(&self) -> f64 {
+        self.0.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
     }
 }
 
@@ -159,7 +180,7 @@ impl CustomOp1 for Checkpoint {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         // Recompute the block with gradients and pull the incoming gradient through it.
         let x = Var::from_tensor(&self.input)?;
-        let y = (self.f)(x.as_tensor())?;
+        let y = self.sink.recompute.time(|| (self.f)(x.as_tensor()))?;
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
         for p in &self.params {
             if let Some(g) = grads.get(p.as_tensor()) {
