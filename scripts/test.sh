@@ -61,7 +61,8 @@ stage pip bash -c 'set -e; repo=$PWD; venv=$(mktemp -d)/venv; python3 -m venv "$
   GPO_EXPECT_INSTALLED=1 "$venv/bin/python" -m pytest -q "$repo/bindings/python/tests"
   "$venv/bin/python" "$repo/bindings/python/example.py"'
 # gpod's parser under libFuzzer + ASan; its long dictionary dump stays in the log file.
-stage fuzz bash -c 'scripts/fuzz.sh 60 > target/test-logs/fuzz.out 2>&1; rc=$?
+stage fuzz bash -c 'echo "fuzz: nightly toolchain + ASan build (minutes the first time), then 60 s of fuzzing; output in target/test-logs/fuzz.out"
+  scripts/fuzz.sh 60 > target/test-logs/fuzz.out 2>&1; rc=$?
   grep -v "# Uses:" target/test-logs/fuzz.out | tail -15; exit $rc'
 
 echo "=== summary" >&2
