@@ -3,16 +3,18 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use gpo::bench::train::fixed_batch;
-use gpo::train::{Aggregation, LoraConfig, Objective, Target, Trainer, TrainerConfig};
+use gpo::train::{Aggregation, LoraConfig, Objective, Recompute, Target, Trainer, TrainerConfig};
 use std::time::Duration;
 
 fn step(c: &mut Criterion) {
     let model = gpo::models::default_model().expect("default model missing: run scripts/fetch-model.sh");
     let mut g = c.benchmark_group("train_step_2x128");
     g.sample_size(10).measurement_time(Duration::from_secs(60));
-    for (name, recompute, plain) in
-        [("gpo_recompute", true, false), ("gpo_keep_activations", false, false), ("candle_plain_autograd", false, true)]
-    {
+    for (name, recompute, plain) in [
+        ("gpo_recompute", Recompute::Always, false),
+        ("gpo_keep_activations", Recompute::Never, false),
+        ("candle_plain_autograd", Recompute::Never, true),
+    ] {
         let mut t = Trainer::new(TrainerConfig {
             model: model.clone(),
             objective: Objective::Grpo { clip: 0.2, aggregation: Aggregation::TokenMean },

@@ -9,8 +9,8 @@ use gpo::engine::KvMode;
 use gpo::gguf::synth::{write_synthetic, SynthSpec};
 use gpo::llama::{Batch as LBatch, Context, ContextParams, LoraAdapter, Model, ModelParams};
 use gpo::train::{
-    Aggregation, Batch, Completion, Labeled, LoraConfig, Objective, OptimConfig, Pair, PiOld, Target, Trainer,
-    TrainerConfig,
+    Aggregation, Batch, Completion, Labeled, LoraConfig, Objective, OptimConfig, Pair, PiOld, Recompute, Target,
+    Trainer, TrainerConfig,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -96,6 +96,9 @@ fn cfg(model: PathBuf, objective: Objective) -> TrainerConfig {
         optim: OptimConfig { lr: 1e-2, max_grad_norm: 0.0, ..Default::default() },
         micro_batch: 2,
         head_chunk: 5,
+        // The finite-difference checks go through the checkpointed path (the harder one);
+        // `recomputation_changes_no_gradient_and_auto_follows_the_budget` ties the two together.
+        recompute: Recompute::Always,
         ..Default::default()
     }
 }
@@ -327,6 +330,50 @@ fn every_trainable_tensor_gets_a_gradient_on_every_step() {
         }
     }
     assert_eq!(t.lora().pairs.len(), 6 * 7);
+}
+
+#[test]
+fn recomputation_changes_no_gradient_and_auto_follows_the_budget() {
+    let model = tiny_gemma();
+    let m = Model::load(&model, &ModelParams::default()).unwrap();
+    let batch = Batch::Completions(completions(&m, true));
+    let run = |recompute: Recompute, budget_mib: u64| {
+        let mut c = cfg(model.clone(), Objective::Grpo { clip: 0.2, aggregation: Aggregation::TokenMean });
+        c.f64 = true;
+        c.lora.targets = Target::ALL.to_vec();
+        c.recompute = recompute;
+        c.activation_budget_mib = budget_mib;
+        let mut t = Trainer::new(c).unwrap();
+        let mut reports = Vec::new();
+        for _ in 0..2 {
+            reports.push(t.step(&batch).unwrap());
+        }
+        let grads: Vec<Vec<f64>> = t
+            .lora()
+            .pairs
+            .iter()
+            .flat_map(|p| [&p.a, &p.b])
+            .map(|v| t.last_grad(v).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .collect();
+        (reports, grads)
+    };
+    let (kept, g_kept) = run(Recompute::Never, 0);
+    let (again, g_again) = run(Recompute::Always, 0);
+    for (a, b) in kept.iter().zip(&again) {
+        assert!(!a.phases.recomputed && b.phases.recomputed);
+        assert!((a.loss - b.loss).abs() <= 1e-12 * a.loss.abs().max(1.0), "{} vs {}", a.loss, b.loss);
+    }
+    let worst = g_kept
+        .iter()
+        .flatten()
+        .zip(g_again.iter().flatten())
+        .map(|(x, y)| (x - y).abs() / x.abs().max(y.abs()).max(1e-12))
+        .fold(0.0f64, f64::max);
+    assert!(worst < 1e-9, "kept vs recomputed gradients differ by {worst:e} (relative)");
+    // Auto: a budget below the batch's estimate recomputes; one above keeps.
+    let (small, _) = run(Recompute::Auto, 0);
+    let (large, _) = run(Recompute::Auto, 1 << 20);
+    assert!(small.iter().all(|r| r.phases.recomputed) && large.iter().all(|r| !r.phases.recomputed));
 }
 
 #[test]

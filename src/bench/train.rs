@@ -7,7 +7,9 @@
 //! alone, and under a memory cap, so a variant that would exhaust the machine is stopped instead.
 
 use super::median;
-use crate::train::{Aggregation, Batch, Completion, LoraConfig, Objective, StepPhases, Target, Trainer, TrainerConfig};
+use crate::train::{
+    Aggregation, Batch, Completion, LoraConfig, Objective, Recompute, StepPhases, Target, Trainer, TrainerConfig,
+};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -125,7 +127,11 @@ pub fn fixed_batch(b: usize, t: usize, n_vocab: usize) -> Batch {
                 let s: Vec<u32> = ids[i * t..(i + 1) * t].iter().map(|&x| x as u32).collect();
                 Completion {
                     group: (i / 2) as u64,
-                    ..Completion::new(s[..prompt_len].to_vec(), s[prompt_len..].to_vec(), ((i + i / 2) % 2 == 0) as u8 as f64)
+                    ..Completion::new(
+                        s[..prompt_len].to_vec(),
+                        s[prompt_len..].to_vec(),
+                        ((i + i / 2) % 2 == 0) as u8 as f64,
+                    )
                 }
             })
             .collect(),
@@ -153,6 +159,7 @@ fn measure(cfg: TrainerConfig, batch: &Batch, steps: usize, tokens: f64) -> Resu
         backward: pick(|p| p.backward),
         recompute: pick(|p| p.recompute),
         optimizer: pick(|p| p.optimizer),
+        recomputed: phases.first().is_some_and(|p| p.recomputed),
     };
     let step_s = median(&mut times);
     Ok(Measured {
@@ -268,8 +275,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => crate::models::default_model()?,
     };
-    if args.batch < 2 || args.tokens < 2 {
-        return Err(Error::invalid("workload", "batch ≥ 2 (a GRPO group of two) and tokens ≥ 2"));
+    if args.batch < 2 || args.tokens < 2 || args.steps == 0 {
+        return Err(Error::invalid("workload", "batch ≥ 2 (a GRPO group of two), tokens ≥ 2 and steps ≥ 1"));
     }
     let tokens = (args.batch * args.tokens) as f64;
     if let Some(v) = args.only {
@@ -280,7 +287,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             micro_batch: args.batch,
             device: args.device.clone(),
             plain_autograd: v == Variant::Plain,
-            recompute: v == Variant::Recompute,
+            recompute: if v == Variant::Recompute { Recompute::Always } else { Recompute::Never },
             ..Default::default()
         };
         let n_vocab =
@@ -299,6 +306,15 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         args.batch, args.tokens, args.rank, args.steps
     );
     println!("model: {}", model.display());
+    let (content, _) = crate::gguf::read_content(&model)?;
+    let arch = crate::train::arch::ArchConfig::from_gguf(&content)?;
+    let dtype_bytes = if args.device.starts_with("cuda") { 2 } else { 4 };
+    let est = crate::train::model::keep_activation_bytes(&arch, vec![args.tokens; args.batch], dtype_bytes) >> 20;
+    let budget = crate::train::DEFAULT_ACTIVATION_BUDGET_MIB;
+    println!(
+        "recompute = \"auto\" (the default) would {} at this shape: kept activations ≈ {est} MiB, budget {budget} MiB",
+        if est > budget { "recompute" } else { "keep activations" }
+    );
     let peft = if args.no_peft {
         None
     } else {

@@ -142,7 +142,7 @@ enum Cmd {
 enum BenchCmd {
     /// Rollout engine vs a raw llama.cpp C-API loop on the same workload.
     Rollout(gpo::bench::RolloutArgs),
-    /// Training step (forward + backward + AdamW) vs candle's plain autograd.
+    /// Training step (forward + backward + AdamW) vs PyTorch + PEFT and candle's plain autograd.
     Train(gpo::bench::train::TrainArgs),
     /// gpod over its socket vs the in-process library; request rate with 16 clients.
     Daemon(gpo::bench::daemon::DaemonArgs),

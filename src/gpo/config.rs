@@ -5,7 +5,7 @@ use super::values::{Search, SearchConfig};
 use crate::engine::{KvMode, StepConfig};
 use crate::reward::VerifierConfig;
 use crate::task::arith::ArithConfig;
-use crate::train::{Aggregation, Objective, Schedule, Target};
+use crate::train::{Aggregation, Objective, Recompute, Schedule, Target};
 use crate::tree::CriticalMode;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -301,9 +301,11 @@ pub struct TrainSection {
     pub root_term: f64,
     /// Truncated importance sampling cap against the rollout log-probs (None = off).
     pub tis_cap: Option<f64>,
-    /// Recompute activations block by block in the backward pass (bounded memory for long
-    /// traces); off is faster for short ones. Default true.
-    pub recompute: bool,
+    /// Recompute activations block by block in the backward pass: true, false, or "auto"
+    /// (default: only when a micro-batch's activations would exceed `activation_budget_mib`).
+    pub recompute: Recompute,
+    /// Activation memory `recompute = "auto"` allows per micro-batch, MiB (default 6144).
+    pub activation_budget_mib: u64,
     /// Trainer device: "cpu" (default), "cuda" or "cuda:N" (CUDA builds).
     pub device: String,
 }
@@ -329,7 +331,8 @@ impl Default for TrainSection {
             train_on_value_rollouts: true,
             root_term: 0.0,
             tis_cap: None,
-            recompute: true,
+            recompute: Recompute::Auto,
+            activation_budget_mib: crate::train::DEFAULT_ACTIVATION_BUDGET_MIB,
             device: "cpu".into(),
         }
     }

@@ -236,6 +236,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
         micro_batch: t.micro_batch,
         epochs: t.epochs.max(1),
         recompute: t.recompute,
+        activation_budget_mib: t.activation_budget_mib,
         device: t.device.clone(),
         ..Default::default()
     };

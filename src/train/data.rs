@@ -91,6 +91,17 @@ impl Batch {
         }
     }
 
+    /// Token lengths (prompt + completion) of each item's sequences: one per item, two per pair.
+    pub fn sequence_lengths(&self) -> Vec<Vec<usize>> {
+        match self {
+            Batch::Completions(v) => v.iter().map(|c| vec![c.prompt.len() + c.completion.len()]).collect(),
+            Batch::Pairs(v) => {
+                v.iter().map(|p| vec![p.prompt.len() + p.chosen.len(), p.prompt.len() + p.rejected.len()]).collect()
+            }
+            Batch::Labeled(v) => v.iter().map(|c| vec![c.prompt.len() + c.completion.len()]).collect(),
+        }
+    }
+
     /// Checks shape and fit to the objective; names the bad item.
     pub fn validate(&self, objective: &Objective, n_vocab: usize) -> Result<()> {
         let kind = match self {
