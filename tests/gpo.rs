@@ -343,6 +343,17 @@ ctx_per_sequence = 256
     child.wait().unwrap();
     let done = gpo::gpo::read_metrics(&b).unwrap().len();
     assert!(done < 4, "killed before the end ({done} iterations done)");
+    // As if an older gpo had started the run: its saved configuration lacks a setting added
+    // since. The resume reads it with that setting's default and goes on.
+    let saved = b.join("config.toml");
+    let old: String = std::fs::read_to_string(&saved)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("activation_budget_mib"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(old, std::fs::read_to_string(&saved).unwrap(), "the setting was there to remove");
+    std::fs::write(&saved, old).unwrap();
     assert!(std::process::Command::new(gpo)
         .args(["train", "--config", cb.to_str().unwrap()])
         .status()
@@ -354,6 +365,12 @@ ctx_per_sequence = 256
     assert!(ra.iter().any(|r| r.loss.is_some()), "the run must train for resume to mean something: {ra:?}");
     assert_eq!(ra, rb, "resumed run must match the uninterrupted one");
     assert_eq!(std::fs::read(a.join("adapter.gguf")).unwrap(), std::fs::read(b.join("adapter.gguf")).unwrap());
+    // A run with a different setting is not resumed into the same directory.
+    let changed = text(&b).replace("seed = 9", "seed = 10");
+    std::fs::write(&cb, changed).unwrap();
+    let out = std::process::Command::new(gpo).args(["train", "--config", cb.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another configuration"), "{out:?}");
 }
 
 #[test]

@@ -70,8 +70,8 @@ impl Variant {
     fn label(self) -> &'static str {
         match self {
             Variant::Plain => "candle plain autograd",
-            Variant::Keep => "gpo: frozen-weight op, chunked head",
-            Variant::Recompute => "gpo: + block recomputation (default)",
+            Variant::Keep => "gpo: frozen-weight op, chunked head, activations kept",
+            Variant::Recompute => "gpo: + block recomputation",
         }
     }
 

@@ -199,7 +199,14 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
     let cfg_text = toml::to_string_pretty(cfg).map_err(|e| Error::invalid("config", e.to_string()))?;
     let saved_cfg = dir.root.join("config.toml");
     if let Ok(prev) = std::fs::read_to_string(&saved_cfg) {
-        if prev != cfg_text && latest_iteration(&dir.checkpoints()).is_some() {
+        // Compared as read by this version: settings added since the run began take their
+        // defaults, so upgrading gpo does not strand a run half-way.
+        let same = prev == cfg_text
+            || toml::from_str::<RunConfig>(&prev)
+                .ok()
+                .and_then(|p| toml::to_string_pretty(&p).ok())
+                .is_some_and(|p| p == cfg_text);
+        if !same && latest_iteration(&dir.checkpoints()).is_some() {
             return Err(Error::invalid(
                 "output",
                 format!(
