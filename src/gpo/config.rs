@@ -304,7 +304,7 @@ pub struct TrainSection {
     /// Recompute activations block by block in the backward pass: true, false, or "auto"
     /// (default: only when a micro-batch's activations would exceed `activation_budget_mib`).
     pub recompute: Recompute,
-    /// Activation memory `recompute = "auto"` allows per micro-batch, MiB (default 6144).
+    /// Activation memory `recompute = "auto"` allows per micro-batch, MiB (default 2048).
     pub activation_budget_mib: u64,
     /// Trainer device: "cpu" (default), "cuda" or "cuda:N" (CUDA builds).
     pub device: String,

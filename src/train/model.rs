@@ -8,8 +8,8 @@
 use super::arch::{ArchConfig, Family};
 use super::lora::{cerr, Lora, Target};
 use super::ops::{
-    checkpoint, frozen_linear, gelu_ggml_cpu, gelu_tanh, log_softmax_last, rms_norm, rope, rope_tables, softmax_last,
-    GradSink,
+    attention, checkpoint, frozen_linear, gelu_ggml_cpu, gelu_tanh, log_softmax_last, rms_norm, rms_norm_fused, rope,
+    rope_fused, rope_tables, softmax_last, GradSink,
 };
 use super::weights::{BlockWeights, Weights};
 use crate::{Error, Result};
@@ -96,16 +96,32 @@ fn block(
     let swa = cfg.is_swa(il);
     let (cos, sin, msk) = if swa { (&tb.cos_swa, &tb.sin_swa, &tb.mask_swa) } else { (&tb.cos, &tb.sin, &tb.mask) };
 
-    let h = rms_norm(x, &w.attn_norm, cfg.rms_eps)?;
+    // gpo's path: norms, RoPE and attention as single nodes with analytic backwards; the plain
+    // baseline keeps candle's primitive graph.
+    let norm = |x: &Tensor, w: &Tensor| {
+        if lora.plain {
+            rms_norm(x, w, cfg.rms_eps)
+        } else {
+            rms_norm_fused(x, w, cfg.rms_eps)
+        }
+    };
+    let rot = |x: &Tensor| {
+        if lora.plain {
+            rope(x, cos, sin, cfg.rope_neox)
+        } else {
+            rope_fused(x, cos, sin, cfg.rope_neox)
+        }
+    };
+    let h = norm(x, &w.attn_norm)?;
     let q = linear(&h, &w.wq, w.bq.as_ref(), lora, Target::Q, scale)?.reshape((t, nh, hd))?;
     let k = linear(&h, &w.wk, w.bk.as_ref(), lora, Target::K, scale)?.reshape((t, nkv, hd))?;
     let v = linear(&h, &w.wv, w.bv.as_ref(), lora, Target::V, scale)?.reshape((t, nkv, hd))?;
     let (q, k) = match (&w.q_norm, &w.k_norm) {
-        (Some(qn), Some(kn)) => (rms_norm(&q, qn, cfg.rms_eps)?, rms_norm(&k, kn, cfg.rms_eps)?),
+        (Some(qn), Some(kn)) => (norm(&q, qn)?, norm(&k, kn)?),
         _ => (q, k),
     };
-    let q = rope(&q.transpose(0, 1)?.contiguous()?, cos, sin, cfg.rope_neox)?;
-    let k = rope(&k.transpose(0, 1)?.contiguous()?, cos, sin, cfg.rope_neox)?;
+    let q = rot(&q.transpose(0, 1)?.contiguous()?)?;
+    let k = rot(&k.transpose(0, 1)?.contiguous()?)?;
     let v = v.transpose(0, 1)?.contiguous()?;
     let (k, v) = if nkv != nh {
         let rep = nh / nkv;
@@ -114,15 +130,20 @@ fn block(
     } else {
         (k, v)
     };
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(msk)?;
-    let o = softmax_last(&scores)?.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))?;
+    let attn_scale = 1.0 / (hd as f64).sqrt();
+    let o = if lora.plain {
+        softmax_last(&(q.matmul(&k.t()?)? * attn_scale)?.broadcast_add(msk)?)?.matmul(&v)?
+    } else {
+        attention(&q.contiguous()?, &k.contiguous()?, &v, msk, attn_scale)?
+    };
+    let o = o.transpose(0, 1)?.reshape((t, nh * hd))?;
     let mut attn = linear(&o, &w.wo, None, lora, Target::O, scale)?;
     if let Some(n) = &w.attn_post_norm {
-        attn = rms_norm(&attn, n, cfg.rms_eps)?;
+        attn = norm(&attn, n)?;
     }
     let x = (x + attn)?;
 
-    let h = rms_norm(&x, &w.ffn_norm, cfg.rms_eps)?;
+    let h = norm(&x, &w.ffn_norm)?;
     let g = linear(&h, &w.w_gate, None, lora, Target::Gate, scale)?;
     let u = linear(&h, &w.w_up, None, lora, Target::Up, scale)?;
     let act = match cfg.family {
@@ -132,7 +153,7 @@ fn block(
     };
     let mut d = linear(&(act * u)?, &w.w_down, None, lora, Target::Down, scale)?;
     if let Some(n) = &w.ffn_post_norm {
-        d = rms_norm(&d, n, cfg.rms_eps)?;
+        d = norm(&d, n)?;
     }
     x + d
 }
@@ -148,12 +169,12 @@ fn head(h: &Tensor, output: &Tensor, targets: &Tensor, inv_t: f64, softcap: f64,
 
 /// Estimated bytes of the activations that a forward with gradients keeps for sequences of
 /// `lens` tokens when blocks are not recomputed: per layer and sequence of t tokens,
-/// 32·t·d + 12·t·ff + 10·heads·t² elements. The counts are the tensors of [`block`] (projections,
-/// RoPE copies, norms, the MLP, the masked softmax) times 2, calibrated against the measured peak
-/// RSS of SmolLM2-135M at 4 × 256 tokens (keep − recompute: 6.8 GiB, this estimate 6.9 GiB).
+/// 16·t·d + 6·t·ff + 5·heads·t² elements — what [`block`]'s nodes hold (projections, norms, RoPE,
+/// the MLP, the attention probabilities), calibrated against the measured peak RSS of
+/// SmolLM2-135M at 4 × 256 tokens (kept − recomputed: 3.6 GiB; this estimate 3.4 GiB).
 pub fn keep_activation_bytes(cfg: &ArchConfig, lens: impl IntoIterator<Item = usize>, dtype_bytes: usize) -> u64 {
     let (d, ff, nh) = (cfg.n_embd as u64, cfg.n_ff as u64, cfg.n_head as u64);
-    let per_layer: u64 = lens.into_iter().map(|t| t as u64).map(|t| 32 * t * d + 12 * t * ff + 10 * nh * t * t).sum();
+    let per_layer: u64 = lens.into_iter().map(|t| t as u64).map(|t| 16 * t * d + 6 * t * ff + 5 * nh * t * t).sum();
     per_layer * cfg.n_layer as u64 * dtype_bytes as u64
 }
 
@@ -241,7 +262,12 @@ impl Forward<'_> {
                 x = block(&x, bw, &lora, scale, cfg, il, &tb).map_err(cerr)?;
             }
         }
-        let h = rms_norm(&x, &w.output_norm, cfg.rms_eps).map_err(cerr)?;
+        let h = if self.plain {
+            rms_norm(&x, &w.output_norm, cfg.rms_eps)
+        } else {
+            rms_norm_fused(&x, &w.output_norm, cfg.rms_eps)
+        }
+        .map_err(cerr)?;
         let h = h.narrow(0, start - 1, t - (start - 1)).map_err(cerr)?;
         let targets: Vec<u32> = tokens[start..].to_vec();
         let n = targets.len();

@@ -7,7 +7,13 @@
 //! - [`checkpoint`]: runs a block without keeping its activations and recomputes it in the
 //!   backward pass (activation recomputation); parameter gradients found there go to a
 //!   [`GradSink`];
-//! - plain differentiable tensor ops for norms, RoPE, softmax, log-softmax.
+//! - [`rms_norm_fused`], [`rope_fused`], [`attention`]: norms, RoPE and masked attention as
+//!   single graph nodes with analytic backwards (their forwards run the plain ops, so values are
+//!   bit-identical). candle's backward allocates and accumulates a gradient for every node, so
+//!   collapsing each into one node halves the kept activations and the backward's element-wise
+//!   work;
+//! - plain differentiable tensor ops for norms, RoPE, softmax, log-softmax (the references of
+//!   the fused ops, and the plain-autograd baseline).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, TensorId, Var, D};
@@ -205,6 +211,171 @@ pub fn checkpoint(
     x.apply_op1(op)
 }
 
+/// The output of `f(inputs)` computed on detached copies, as a storage of `dev`'s kind.
+fn eval_detached(f: impl FnOnce() -> CResult<Tensor>) -> CResult<(Storage, Shape)> {
+    let out = f()?;
+    Ok((storage_of(&out)?, out.shape().clone()))
+}
+
+fn cpu_of(r: CResult<(Storage, Shape)>, name: &str) -> CResult<(CpuStorage, Shape)> {
+    match r? {
+        (Storage::Cpu(s), shape) => Ok((s, shape)),
+        _ => candle_core::bail!("{name}: output left the CPU"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_of(r: CResult<(Storage, Shape)>, name: &str) -> CResult<(candle_core::CudaStorage, Shape)> {
+    match r? {
+        (Storage::Cuda(s), shape) => Ok((s, shape)),
+        _ => candle_core::bail!("{name}: output left the GPU"),
+    }
+}
+
+type Fwd1 = Box<dyn Fn(&Tensor) -> CResult<Tensor> + Send + Sync>;
+type Bwd1 = Box<dyn Fn(&Tensor, &Tensor) -> CResult<Tensor> + Send + Sync>;
+
+/// A one-input op whose forward and backward are given as closures over plain tensor ops: the
+/// graph holds one node (and its input) instead of every intermediate of the forward, so the
+/// backward allocates and accumulates one gradient instead of one per intermediate.
+struct Fused1 {
+    name: &'static str,
+    input: Tensor,
+    fwd: Fwd1,
+    /// (input, gradient of the output) → gradient of the input.
+    bwd: Bwd1,
+}
+
+impl CustomOp1 for Fused1 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        cpu_of(eval_detached(|| (self.fwd)(&self.input)), self.name)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _s: &candle_core::CudaStorage, _l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda_of(eval_detached(|| (self.fwd)(&self.input)), self.name)
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some((self.bwd)(&self.input, &grad.detach())?))
+    }
+}
+
+fn fused1(x: &Tensor, name: &'static str, fwd: Fwd1, bwd: Bwd1) -> CResult<Tensor> {
+    x.apply_op1(Fused1 { name, input: x.detach(), fwd, bwd })
+}
+
+/// [`rms_norm`] as one node with its analytic input gradient (`w` is frozen):
+/// `dx = r·g' − x·r³·mean(x·g')` with `g' = g·w`, `r = (mean(x²) + ε)^-½`. The forward runs the
+/// same tensor ops as [`rms_norm`], so values are bit-identical.
+pub fn rms_norm_fused(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    let (wf, wb) = (w.clone(), w.clone());
+    fused1(
+        x,
+        "rms-norm",
+        Box::new(move |x| rms_norm(x, &wf, eps)),
+        Box::new(move |x, g| {
+            let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+            let gw = g.broadcast_mul(&wb)?;
+            let m = (x * &gw)?.mean_keepdim(D::Minus1)?;
+            let r3 = r.powf(3.0)?;
+            gw.broadcast_mul(&r)? - x.broadcast_mul(&(m * r3)?)?
+        }),
+    )
+}
+
+/// [`rope`] as one node: the backward is the inverse rotation (the same rope with `−sin`).
+pub fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> CResult<Tensor> {
+    let (cf, sf, cb, sb) = (cos.clone(), sin.clone(), cos.clone(), sin.neg()?);
+    fused1(x, "rope", Box::new(move |x| rope(x, &cf, &sf, neox)), Box::new(move |_, g| rope(g, &cb, &sb, neox)))
+}
+
+/// Masked scaled-dot-product attention of one sequence, `softmax(q·kᵀ·scale + mask)·v` for
+/// q, k, v of shape (heads, t, head_dim) and an additive (t, t) mask, as one node: the graph
+/// keeps the probabilities P and the inputs instead of the ~6 (heads × t × t) intermediates of
+/// the plain ops, and the backward is analytic: dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(P ⊙ dO·Vᵀ)),
+/// dQ = dS·K·scale, dK = dSᵀ·Q·scale. The forward runs the plain ops (bit-identical values).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> CResult<Tensor> {
+    let op =
+        Attention { q: q.detach(), k: k.detach(), v: v.detach(), mask: mask.detach(), scale, probs: Mutex::new(None) };
+    q.apply_op3(k, v, op)
+}
+
+struct Attention {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor,
+    scale: f64,
+    probs: Mutex<Option<Tensor>>,
+}
+
+impl Attention {
+    fn forward(&self) -> CResult<Tensor> {
+        let scores = (self.q.matmul(&self.k.t()?)? * self.scale)?.broadcast_add(&self.mask)?;
+        let p = softmax_last(&scores)?;
+        let out = p.matmul(&self.v)?;
+        *self.probs.lock().expect("attention probabilities poisoned") = Some(p);
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        cpu_of(eval_detached(|| self.forward()), "attention")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda_of(eval_detached(|| self.forward()), "attention")
+    }
+
+    fn bwd(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let p = match self.probs.lock().expect("attention probabilities poisoned").clone() {
+            Some(p) => p,
+            None => candle_core::bail!("attention: backward before forward"),
+        };
+        let g = grad.detach();
+        let dv = p.t()?.matmul(&g)?;
+        let dp = g.matmul(&self.v.t()?)?;
+        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+        let dq = (ds.matmul(&self.k)? * self.scale)?;
+        let dk = (ds.t()?.matmul(&self.q)? * self.scale)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
 /// RMS norm over the last dimension, times `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -362,6 +533,74 @@ mod tests {
             plain.get(x0.as_tensor()).unwrap().to_vec2::<f64>().unwrap(),
             g.get(x0.as_tensor()).unwrap().to_vec2::<f64>().unwrap()
         );
+    }
+
+    /// Value and input gradients of `fused` and `plain` on the same inputs, in f64: the value
+    /// must be bit-identical, the gradients equal to 1e-12 (relative).
+    fn same_as_plain(inputs: &[Tensor], plain: impl Fn(&[Tensor]) -> Tensor, fused: impl Fn(&[Tensor]) -> Tensor) {
+        let run = |f: &dyn Fn(&[Tensor]) -> Tensor| {
+            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts);
+            // A weighted sum, so every output element has its own gradient.
+            let w = Tensor::arange(0.0, y.elem_count() as f64, &Device::Cpu).unwrap().reshape(y.shape()).unwrap();
+            let w = (w * 0.37).unwrap().sin().unwrap();
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads: Vec<Vec<f64>> =
+                ts.iter().map(|t| g.get(t).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect();
+            (y.flatten_all().unwrap().to_vec1::<f64>().unwrap(), grads)
+        };
+        let (ya, ga) = run(&plain);
+        let (yb, gb) = run(&fused);
+        assert_eq!(ya, yb, "forward values differ");
+        for (a, b) in ga.iter().flatten().zip(gb.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-12 * a.abs().max(b.abs()).max(1.0), "gradient {a} vs {b}");
+        }
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 10_000) as f64 / 5_000.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn fused_norm_rope_and_attention_equal_the_plain_ops() {
+        let w = randn(&[8], 1);
+        same_as_plain(
+            &[randn(&[5, 8], 2)],
+            |x| rms_norm(&x[0], &w, 1e-5).unwrap(),
+            |x| rms_norm_fused(&x[0], &w, 1e-5).unwrap(),
+        );
+        let (c, s) = rope_tables(6, 8, 10_000.0, 1.0, DType::F64, &Device::Cpu).unwrap();
+        for neox in [false, true] {
+            same_as_plain(
+                &[randn(&[3, 6, 8], 3)],
+                |x| rope(&x[0], &c, &s, neox).unwrap(),
+                |x| rope_fused(&x[0], &c, &s, neox).unwrap(),
+            );
+        }
+        let mask = Tensor::from_vec(
+            (0..36).map(|i| if i % 6 > i / 6 { f64::NEG_INFINITY } else { 0.0 }).collect::<Vec<_>>(),
+            (6, 6),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let plain = |x: &[Tensor]| {
+            let scores = (x[0].matmul(&x[1].t().unwrap()).unwrap() * 0.35).unwrap().broadcast_add(&mask).unwrap();
+            softmax_last(&scores).unwrap().matmul(&x[2]).unwrap()
+        };
+        same_as_plain(&[randn(&[2, 6, 4], 4), randn(&[2, 6, 4], 5), randn(&[2, 6, 4], 6)], plain, |x| {
+            attention(&x[0], &x[1], &x[2], &mask, 0.35).unwrap()
+        });
     }
 
     #[test]
