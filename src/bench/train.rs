@@ -91,7 +91,8 @@ pub struct Measured {
     pub step_s: f64,
     /// Tokens (batch × tokens) per second at the median.
     pub tokens_per_s: f64,
-    /// Peak resident memory of the process (CPU) or allocated device memory (CUDA), MiB.
+    /// Peak memory, MiB: the process's peak RSS for gpo's rows; for the PEFT row, its peak RSS
+    /// on the CPU and PyTorch's peak allocated device memory on CUDA.
     pub peak_mib: f64,
     /// Median phase profile (gpo's variants).
     #[serde(default)]
@@ -101,7 +102,8 @@ pub struct Measured {
     pub note: String,
 }
 
-/// Peak resident memory since the last reset, in MiB (Linux; 0 elsewhere).
+/// Peak resident memory of this process, in MiB (Linux; 0 elsewhere). Each variant runs in its
+/// own process, so this is that variant's peak.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -109,11 +111,6 @@ pub fn peak_rss_mib() -> f64 {
             s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
-}
-
-/// Resets the peak-RSS counter (Linux: `echo 5 > /proc/self/clear_refs`).
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// A GRPO batch of `b` sequences of `t` tokens (random ids, groups of two consecutive
@@ -140,7 +137,6 @@ pub fn fixed_batch(b: usize, t: usize, n_vocab: usize) -> Batch {
 
 /// Median seconds per step, peak RSS and median phases of `steps` steps after a warm-up.
 fn measure(cfg: TrainerConfig, batch: &Batch, steps: usize, tokens: f64) -> Result<Measured> {
-    reset_peak_rss();
     let mut t = Trainer::new(cfg)?;
     t.step(batch)?;
     let (mut times, mut phases) = (Vec::with_capacity(steps), Vec::with_capacity(steps));

@@ -166,13 +166,13 @@ impl Scheduler {
         self.slots.iter().filter(|s| s.running.is_some()).count()
     }
 
-    /// Runs until shutdown.
     /// Makes the calling thread the engine thread: the only one that may decode with the
     /// context or change its model's adapters (asserted in the context, refused for adapters).
     pub fn bind_thread(&mut self) {
         self.ctx.bind_owner();
     }
 
+    /// Runs until shutdown.
     pub fn run(mut self) {
         loop {
             let idle = self.running() == 0 && !self.can_admit();

@@ -73,7 +73,7 @@ pub struct TrainerConfig {
     /// Fixed KTO reference point (None = the clamped batch estimate, as TRL does).
     pub kto_z_ref: Option<f64>,
     /// Whether to recompute activations block by block in the backward pass (memory bounded by
-    /// one block, for long reasoning traces) instead of keeping them (~1.4× faster). The output
+    /// one block, for long reasoning traces) instead of keeping them (keeping is ~1.3× faster). The output
     /// head is recomputed chunk by chunk either way.
     pub recompute: Recompute,
     /// [`Recompute::Auto`] keeps activations while a micro-batch's estimate stays within this

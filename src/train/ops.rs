@@ -167,20 +167,12 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let out = (self.f)(&self.input)?;
-        match storage_of(&out)? {
-            Storage::Cpu(s) => Ok((s, out.shape().clone())),
-            _ => candle_core::bail!("checkpoint: block output left the CPU"),
-        }
+        cpu_of(output_storage(|| (self.f)(&self.input)), "checkpoint")
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _s: &candle_core::CudaStorage, _l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let out = (self.f)(&self.input)?;
-        match storage_of(&out)? {
-            Storage::Cuda(s) => Ok((s, out.shape().clone())),
-            _ => candle_core::bail!("checkpoint: block output left the GPU"),
-        }
+        cuda_of(output_storage(|| (self.f)(&self.input)), "checkpoint")
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
@@ -211,8 +203,9 @@ pub fn checkpoint(
     x.apply_op1(op)
 }
 
-/// The output of `f(inputs)` computed on detached copies, as a storage of `dev`'s kind.
-fn eval_detached(f: impl FnOnce() -> CResult<Tensor>) -> CResult<(Storage, Shape)> {
+/// The storage and shape of `f()`'s output: how the ops below, which compute their forward with
+/// tensor ops on inputs they captured, hand the result back to candle.
+fn output_storage(f: impl FnOnce() -> CResult<Tensor>) -> CResult<(Storage, Shape)> {
     let out = f()?;
     Ok((storage_of(&out)?, out.shape().clone()))
 }
@@ -252,12 +245,12 @@ impl CustomOp1 for Fused1 {
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        cpu_of(eval_detached(|| (self.fwd)(&self.input)), self.name)
+        cpu_of(output_storage(|| (self.fwd)(&self.input)), self.name)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _s: &candle_core::CudaStorage, _l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
-        cuda_of(eval_detached(|| (self.fwd)(&self.input)), self.name)
+        cuda_of(output_storage(|| (self.fwd)(&self.input)), self.name)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
@@ -338,7 +331,7 @@ impl candle_core::CustomOp3 for Attention {
         _: &CpuStorage,
         _: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        cpu_of(eval_detached(|| self.forward()), "attention")
+        cpu_of(output_storage(|| self.forward()), "attention")
     }
 
     #[cfg(feature = "cuda")]
@@ -351,7 +344,7 @@ impl candle_core::CustomOp3 for Attention {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        cuda_of(eval_detached(|| self.forward()), "attention")
+        cuda_of(output_storage(|| self.forward()), "attention")
     }
 
     fn bwd(
