@@ -3,15 +3,18 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use gpo::bench::{bench_engine, gpo_rollout, raw_rollout, Setup, Workload};
-use gpo::engine::KvMode;
+use gpo::engine::{KvMode, SamplingBackend};
 use gpo::llama::{Model, ModelParams};
 use std::time::Duration;
 
 fn rollout(c: &mut Criterion) {
     let model = gpo::models::default_model().expect("default model missing: run scripts/fetch-model.sh");
     let w = Workload { b: 4, p: 64, g: 32, k: 4 };
-    let setup = Setup { kv: KvMode::Unified, threads: 0, gpu_layers: -1, flash_attn: None };
+    let setup =
+        Setup { kv: KvMode::Unified, threads: 0, gpu_layers: -1, flash_attn: None, sampling: SamplingBackend::Graph };
     let engine = bench_engine(model.clone(), &w, &setup, true).expect("engine");
+    let host_setup = Setup { sampling: SamplingBackend::Host, ..setup };
+    let host_sampling = bench_engine(model.clone(), &w, &host_setup, true).expect("engine");
     let no_cache = bench_engine(model.clone(), &w, &setup, false).expect("engine");
     let m = Model::load(&model, &ModelParams::default()).expect("model");
 
@@ -24,6 +27,11 @@ fn rollout(c: &mut Criterion) {
     });
     g.bench_function("gpo/generate", |b| {
         b.iter_custom(|n| (0..n).map(|i| secs(|| gpo_rollout(&engine, &no_cache, &w, i).map(|t| t.generate_s))).sum())
+    });
+    g.bench_function("gpo/generate_host_sampling", |b| {
+        b.iter_custom(|n| {
+            (0..n).map(|i| secs(|| gpo_rollout(&host_sampling, &no_cache, &w, i).map(|t| t.generate_s))).sum()
+        })
     });
     g.bench_function("gpo/fork", |b| {
         b.iter_custom(|n| (0..n).map(|i| secs(|| gpo_rollout(&engine, &no_cache, &w, i).map(|t| t.fork_s))).sum())

@@ -2,56 +2,15 @@
 
 mod common;
 
-use common::{engine, real_model, tiny_model};
+use common::{engine, real_model, replay_logprob_error, test_context, tiny_model};
 use gpo::engine::logprob::log_softmax_reference;
 use gpo::engine::{Engine, FinishReason, GenerateRequest, KvMode, Prompt, SamplingParams, Trajectory};
-use gpo::llama::{Batch, Context, ContextParams};
+use gpo::llama::Batch;
 
 const QUESTION: &str = "Tom has 5 apples. He buys 3 more and eats 2. How many apples does he have? Think step by step.";
 
 fn sampled(n_tokens: usize, seed: u64) -> SamplingParams {
     SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, max_tokens: n_tokens, seed, ..Default::default() }
-}
-
-fn test_context(e: &Engine) -> Context {
-    Context::new(
-        e.model().clone(),
-        &ContextParams {
-            n_ctx: 2048,
-            n_batch: 1024,
-            n_seq_max: 1,
-            n_threads: 2,
-            kv_mode: KvMode::Unified,
-            flash_attn: None,
-            kv_f32: false,
-        },
-    )
-    .unwrap()
-}
-
-/// Replays a single-sequence trajectory with the engine's batch shapes (the context in one batch,
-/// then one token per decode) and compares every recorded log-prob with a full f64 host
-/// log-softmax of the same logit row. Returns the largest absolute difference.
-fn replay_logprob_error(e: &Engine, t: &Trajectory) -> f64 {
-    let mut ctx = test_context(e);
-    let mut batch = Batch::new(t.context.len());
-    for (i, &tok) in t.context.iter().enumerate() {
-        batch.push(tok, i as i32, 0, i + 1 == t.context.len()).unwrap();
-    }
-    ctx.decode(&batch).unwrap();
-    let mut row_index = t.context.len() as i32 - 1;
-    let mut worst = 0.0f64;
-    for (k, (&tok, &lp)) in t.tokens.iter().zip(&t.logprobs).enumerate() {
-        let want = log_softmax_reference(ctx.logits(row_index).expect("row"), t.temperature)[tok as usize];
-        worst = worst.max((want - lp as f64).abs());
-        if k + 1 < t.tokens.len() {
-            batch.clear();
-            batch.push(tok, (t.context.len() + k) as i32, 0, true).unwrap();
-            ctx.decode(&batch).unwrap();
-            row_index = 0;
-        }
-    }
-    worst
 }
 
 /// Recomputes all log-probs in one teacher-forced batch (different kernels than incremental

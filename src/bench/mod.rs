@@ -51,6 +51,9 @@ pub struct RolloutArgs {
     /// Flash attention: auto, on or off (both sides).
     #[arg(long, default_value = "auto")]
     pub flash_attn: FlashAttn,
+    /// Where the engine samples: auto, graph or host (the raw loop samples on the host).
+    #[arg(long, default_value = "auto")]
+    pub sampling: crate::engine::SamplingBackend,
 }
 
 /// Flash-attention policy for benchmarks.
@@ -86,6 +89,8 @@ pub struct Setup {
     pub gpu_layers: i32,
     /// Flash attention.
     pub flash_attn: Option<bool>,
+    /// Where the engine samples (the raw loop always samples on the host).
+    pub sampling: crate::engine::SamplingBackend,
 }
 
 /// Timings of the gpo engine on the workload (seconds).
@@ -159,6 +164,7 @@ pub fn bench_engine(model: PathBuf, w: &Workload, setup: &Setup, prefix_cache: b
         n_batch: w.n_batch(),
         kv_mode: setup.kv,
         flash_attn: setup.flash_attn,
+        sampling: setup.sampling,
         prefix_cache,
         ..Default::default()
     })
@@ -238,9 +244,15 @@ pub fn rollout(args: &RolloutArgs) -> Result<()> {
     );
     println!("model: {} ({})", model_path.display(), model.description());
     for &kv in &args.kv {
-        let setup =
-            Setup { kv, threads: args.threads, gpu_layers: args.gpu_layers, flash_attn: args.flash_attn.setting() };
+        let setup = Setup {
+            kv,
+            threads: args.threads,
+            gpu_layers: args.gpu_layers,
+            flash_attn: args.flash_attn.setting(),
+            sampling: args.sampling,
+        };
         let engine = bench_engine(model_path.clone(), &w, &setup, true)?;
+        println!("gpo samples {}", if engine.info().graph_sampling { "in the decode graph" } else { "on the host" });
         let no_cache = bench_engine(model_path.clone(), &w, &setup, false)?;
         // Warm-up both sides once.
         gpo_rollout(&engine, &no_cache, &Workload { g: 8, ..w }, 99)?;
@@ -280,6 +292,59 @@ pub fn rollout(args: &RolloutArgs) -> Result<()> {
             "engine: {} forks, {} prefix tokens reused, {} computed, {} evictions, {} preemptions",
             s.forks, s.reused_tokens, s.prefill_tokens, s.evictions, s.preemptions
         );
+        drop((engine, no_cache));
+        sampling_paths(&model_path, &w, &setup, args.rounds)?;
     }
+    Ok(())
+}
+
+/// Sampled decoding (T = 0.9, top-k 40, top-p 0.95: the GPO loop's kind) with the chain in the
+/// decode graph against the same engine sampling on the host, alternating, in this process.
+fn sampling_paths(model: &std::path::Path, w: &Workload, setup: &Setup, rounds: usize) -> Result<()> {
+    let graph = bench_engine(
+        model.to_path_buf(),
+        w,
+        &Setup { sampling: crate::engine::SamplingBackend::Graph, ..*setup },
+        true,
+    )?;
+    let host = bench_engine(
+        model.to_path_buf(),
+        w,
+        &Setup { sampling: crate::engine::SamplingBackend::Host, ..*setup },
+        true,
+    )?;
+    let n_vocab = graph.info().n_vocab;
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        max_tokens: w.g,
+        ignore_eog: true,
+        ..Default::default()
+    };
+    let run = |e: &Engine, seed: u64| -> Result<f64> {
+        e.clear_cache()?;
+        let prompt = random_prompt(n_vocab, w.p, seed);
+        let t0 = Instant::now();
+        let ts =
+            e.generate(GenerateRequest::new(Prompt::Tokens(prompt), w.b, SamplingParams { seed, ..params.clone() }))?;
+        Ok(ts.iter().map(|t| t.tokens.len()).sum::<usize>() as f64 / t0.elapsed().as_secs_f64())
+    };
+    run(&graph, 7)?; // warm-up
+    run(&host, 7)?;
+    let (mut g, mut h) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let seed = 2000 + round as u64;
+        h.push(run(&host, seed)?);
+        g.push(run(&graph, seed)?);
+    }
+    let (g, h) = (median(&mut g), median(&mut h));
+    println!(
+        "
+sampled rollout (T = 0.9, top-k 40, top-p 0.95; prefill + B×G), gpo only"
+    );
+    println!("| metric | host sampling | graph sampling | graph/host |");
+    println!("|---|---|---|---|");
+    println!("| tok/s | {h:.1} | {g:.1} | {:.2}× |", g / h);
     Ok(())
 }

@@ -212,6 +212,9 @@ struct EngineArgs {
     /// KV layout: per-sequence (default, measured faster) or unified.
     #[arg(long, default_value = "per-sequence")]
     kv: KvMode,
+    /// Where tokens are sampled: auto (the decode graph on a GPU, else the host), graph or host.
+    #[arg(long, default_value = "auto")]
+    sampling: gpo::engine::SamplingBackend,
 }
 
 impl EngineArgs {
@@ -227,6 +230,7 @@ impl EngineArgs {
             n_ctx: self.ctx,
             n_parallel: self.parallel,
             kv_mode: self.kv,
+            sampling: self.sampling,
             ..Default::default()
         })
     }

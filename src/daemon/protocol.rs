@@ -81,6 +81,8 @@ pub struct LoadEngine {
     pub threads: i32,
     /// GPU layers (-1 = all).
     pub gpu_layers: i32,
+    /// Where tokens are sampled: "auto" (the graph on a GPU, else the host), "graph" or "host".
+    pub sampling: crate::engine::SamplingBackend,
 }
 
 impl Default for LoadEngine {
@@ -91,6 +93,7 @@ impl Default for LoadEngine {
             kv: crate::engine::KvMode::PerSequence,
             threads: 0,
             gpu_layers: -1,
+            sampling: crate::engine::SamplingBackend::Auto,
         }
     }
 }

@@ -201,6 +201,7 @@ impl Shared {
             n_gpu_layers: e.gpu_layers,
             n_threads: e.threads,
             kv_mode: e.kv,
+            sampling: e.sampling,
             ..EngineConfig::slots(model, e.parallel, e.ctx_per_sequence)
         })?;
         let info = serde_json::to_value(engine.info()).expect("info");

@@ -14,7 +14,7 @@ use super::request::{ForkOrigin, SamplingParams};
 use super::steps::{segment, StepConfig};
 use super::trajectory::{FinishReason, Trajectory};
 use super::{EngineStats, Event};
-use crate::llama::{Batch, Context, DecodeError, LoraAdapter, Model, SamplerChain, Token};
+use crate::llama::{Batch, Context, DecodeError, GraphSampler, LoraAdapter, Model, SamplerChain, Token};
 use crate::{Error, Result};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::VecDeque;
@@ -66,6 +66,8 @@ struct Waiting {
     text: Vec<u8>,
     /// The leader of this sequence's request is prefilling the same context (share its logits).
     follows: Option<usize>,
+    /// The backend could not run this sequence's sampler chain in the graph: sample on the host.
+    host_only: bool,
 }
 
 enum Pending {
@@ -110,6 +112,8 @@ pub(crate) struct Scheduler {
     /// sequence finishes (re-admitting at once would only fail again).
     kv_blocked: bool,
     scratch: Vec<crate::llama::sys::llama_token_data>,
+    /// Sample decoding sequences inside llama.cpp's graph (see [`GraphSampler`]).
+    graph_sampling: bool,
     stats: EngineStats,
 }
 
@@ -128,7 +132,16 @@ impl Waiting {
         let s = &job.sampling;
         let sampler = (s.temperature > 0.0)
             .then(|| SamplerChain::new(s.temperature, s.top_k, s.top_p, s.min_p, s.sequence_seed(index)));
-        Waiting { job, index, sampler, generated: Vec::new(), logprobs: Vec::new(), text: Vec::new(), follows }
+        Waiting {
+            job,
+            index,
+            sampler,
+            generated: Vec::new(),
+            logprobs: Vec::new(),
+            text: Vec::new(),
+            follows,
+            host_only: false,
+        }
     }
 
     /// Every token that must be in the KV before the next sample.
@@ -138,7 +151,13 @@ impl Waiting {
 }
 
 impl Scheduler {
-    pub fn new(ctx: Context, rx: Receiver<Command>, max_cached_tokens: usize, prefix_cache: bool) -> Scheduler {
+    pub fn new(
+        ctx: Context,
+        rx: Receiver<Command>,
+        max_cached_tokens: usize,
+        prefix_cache: bool,
+        graph_sampling: bool,
+    ) -> Scheduler {
         let n = ctx.n_seq_max() as usize;
         let model = ctx.model().clone();
         let batch = Batch::new(ctx.n_batch() as usize);
@@ -158,6 +177,7 @@ impl Scheduler {
             seq_capacity,
             kv_blocked: false,
             scratch: Vec::new(),
+            graph_sampling,
             stats: EngineStats::default(),
         }
     }
@@ -243,7 +263,7 @@ impl Scheduler {
 
     fn shutdown(&mut self) {
         for slot in 0..self.slots.len() {
-            if let Some(r) = self.slots[slot].running.take() {
+            if let Some(r) = self.take_running(slot) {
                 self.finish_waiting(r.w, FinishReason::Cancelled);
                 for f in r.followers {
                     self.finish_waiting(f, FinishReason::Cancelled);
@@ -485,6 +505,7 @@ impl Scheduler {
     /// Returns the outputs to read back and how many pending tokens of each slot were fed; nothing
     /// is committed until the decode succeeds (a failed decode leaves the KV unchanged).
     fn fill_batch(&mut self) -> (Vec<Output>, Vec<(usize, usize)>) {
+        self.attach_graph_samplers();
         self.batch.clear();
         let mut outputs = Vec::new();
         let mut fed = Vec::new();
@@ -555,6 +576,18 @@ impl Scheduler {
         let mut sampled: Vec<(usize, Token, f32)> = Vec::new();
         let mut broken = Vec::new();
         for (index, members) in groups {
+            if let [slot] = members[..] {
+                if self.ctx.has_sampler(slot as i32) {
+                    match self.ctx.graph_sampled(index, slot as i32) {
+                        Some((token, logprob)) if logprob.is_finite() => {
+                            self.stats.graph_sampled_tokens += 1;
+                            sampled.push((slot, token, logprob));
+                        }
+                        _ => broken.push(slot),
+                    }
+                    continue;
+                }
+            }
             let logits = self.ctx.logits(index).expect("logits were requested for this token");
             let temperature = self.slots[members[0]].running.as_ref().expect("running").w.job.sampling.temperature;
             let stats = row_stats(logits, temperature);
@@ -576,6 +609,45 @@ impl Scheduler {
             let why = "the model produced non-finite logits (NaN or infinity): its weights or adapter are broken";
             self.fail_slot(slot, Error::Decode { code: -2, reason: why.into() });
         }
+    }
+
+    /// Gives every decoding sequence that has none a graph sampler (its host chain's stages and
+    /// state), so its next token is drawn inside the decode graph. Prefilling sequences, leaders
+    /// whose followers share their first logits, and first tokens stay on the host.
+    fn attach_graph_samplers(&mut self) {
+        if !self.graph_sampling {
+            return;
+        }
+        for i in 0..self.slots.len() {
+            let Some(r) = self.slots[i].running.as_mut() else { continue };
+            let w = &mut r.w;
+            if w.host_only || w.generated.is_empty() || r.pending.len() != 1 || !r.followers.is_empty() {
+                continue;
+            }
+            if self.ctx.has_sampler(i as i32) {
+                continue;
+            }
+            let g = match &w.sampler {
+                None => GraphSampler::greedy(),
+                Some(host) => GraphSampler::wrapping(host, w.job.sampling.temperature),
+            };
+            if self.ctx.attach_sampler(i as i32, g).is_err() {
+                tracing::warn!("the backend cannot run this sampler chain in the graph; sampling on the host");
+                w.host_only = true;
+            }
+        }
+    }
+
+    /// Takes the sequence out of `slot`, detaching its graph sampler and handing the sampler's
+    /// state back to the sequence's host chain (a preempted sequence resumes where it was).
+    fn take_running(&mut self, slot: usize) -> Option<Box<Running>> {
+        let mut r = self.slots[slot].running.take();
+        if let Some(g) = self.ctx.detach_sampler(slot as i32) {
+            if let Some(r) = r.as_mut().filter(|r| r.w.sampler.is_some()) {
+                r.w.sampler = Some(g.to_host());
+            }
+        }
+        r
     }
 
     /// Appends a sampled token to the sequence in `slot` and finishes it when a stop condition holds.
@@ -617,7 +689,7 @@ impl Scheduler {
     }
 
     fn finish_slot(&mut self, slot: usize, reason: FinishReason) {
-        let Some(r) = self.slots[slot].running.take() else { return };
+        let Some(r) = self.take_running(slot) else { return };
         let r = *r;
         for f in r.followers {
             if reason == FinishReason::Cancelled {
@@ -682,7 +754,7 @@ impl Scheduler {
             self.finish_slot(slot, FinishReason::ContextFull);
             return;
         }
-        let r = *self.slots[slot].running.take().expect("running");
+        let r = *self.take_running(slot).expect("running");
         self.ctx.truncate(slot as i32, 0);
         self.slots[slot].tokens.clear();
         self.stats.preemptions += 1;
@@ -703,7 +775,7 @@ impl Scheduler {
 
     /// Fails the request running in `slot` (and drops its queued sequences).
     fn fail_slot(&mut self, slot: usize, e: Error) {
-        if let Some(r) = self.slots[slot].running.take() {
+        if let Some(r) = self.take_running(slot) {
             r.w.job.cancelled.store(true, Ordering::Relaxed);
             let _ = r.w.job.events.send(Event::Failed(e));
             self.ctx.truncate(slot as i32, 0);

@@ -250,11 +250,20 @@ pub struct EngineSection {
     pub threads: i32,
     /// GPU layers (-1 = all).
     pub gpu_layers: i32,
+    /// Where tokens are sampled: "auto" (the graph on a GPU, else the host), "graph" or "host".
+    pub sampling: crate::engine::SamplingBackend,
 }
 
 impl Default for EngineSection {
     fn default() -> Self {
-        EngineSection { parallel: 16, ctx_per_sequence: 1024, kv: KvMode::PerSequence, threads: 0, gpu_layers: -1 }
+        EngineSection {
+            parallel: 16,
+            ctx_per_sequence: 1024,
+            kv: KvMode::PerSequence,
+            threads: 0,
+            gpu_layers: -1,
+            sampling: crate::engine::SamplingBackend::Auto,
+        }
     }
 }
 

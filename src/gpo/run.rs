@@ -266,6 +266,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
         n_gpu_layers: cfg.engine.gpu_layers,
         n_threads: cfg.engine.threads,
         kv_mode: cfg.engine.kv,
+        sampling: cfg.engine.sampling,
         ..EngineConfig::slots(model.clone(), cfg.engine.parallel, cfg.engine.ctx_per_sequence)
     })?;
     if let Some(ckpt) = &resume {

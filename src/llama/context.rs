@@ -1,6 +1,6 @@
 //! A llama.cpp context: KV memory for up to `n_seq_max` sequences, decode, logits, adapters.
 
-use super::{clear_last_error, sys, take_last_error, Batch, LoraAdapter, Model};
+use super::{clear_last_error, sys, take_last_error, Batch, GraphSampler, LoraAdapter, Model, Token};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::ptr::NonNull;
@@ -79,6 +79,12 @@ pub struct Context {
     adapter: Option<(Arc<LoraAdapter>, f32)>,
     /// Batch indices that carried logits in the last successful decode, ascending.
     outputs: Vec<i32>,
+    /// Whether the last decode copied raw logit rows back (llama.cpp skips them when every
+    /// output row belongs to a sequence with a graph sampler).
+    raw_logits: bool,
+    /// Graph samplers attached per sequence id. llama.cpp holds raw pointers to them, so they are
+    /// owned here and dropped only after detaching or after the context is freed.
+    graph_samplers: Vec<Option<GraphSampler>>,
     /// The engine thread that owns this context, once an engine runs it: decoding and adapter
     /// swaps (which touch the model's unlocked adapter set) are asserted to happen there.
     owner: Option<std::thread::ThreadId>,
@@ -151,6 +157,8 @@ impl Context {
             kv_mode: p.kv_mode,
             adapter: None,
             outputs: Vec::new(),
+            raw_logits: false,
+            graph_samplers: (0..p.n_seq_max).map(|_| None).collect(),
             owner: None,
         })
     }
@@ -218,6 +226,8 @@ impl Context {
         self.outputs.clear();
         if rc == 0 {
             self.outputs.extend_from_slice(batch.outputs());
+            self.raw_logits =
+                self.outputs.iter().any(|&i| self.graph_samplers[batch.seq_at(i as usize) as usize].is_none());
         }
         match rc {
             0 => Ok(()),
@@ -228,8 +238,9 @@ impl Context {
     }
 
     /// Logits of the token at `batch_index` of the last decoded batch (it must have asked for them).
+    /// None when the row was sampled in the graph and llama.cpp sent no raw logits back.
     pub fn logits(&self, batch_index: i32) -> Option<&[f32]> {
-        if self.outputs.binary_search(&batch_index).is_err() {
+        if !self.raw_logits || self.outputs.binary_search(&batch_index).is_err() {
             return None;
         }
         // SAFETY: the index carried logits in the last successful decode; the row has n_vocab
@@ -238,6 +249,62 @@ impl Context {
             let p = sys::llama_get_logits_ith(self.ptr.as_ptr(), batch_index);
             (!p.is_null()).then(|| std::slice::from_raw_parts(p, self.model.n_vocab() as usize))
         }
+    }
+
+    /// Attaches a graph sampler to sequence `seq`: from the next decode on, llama.cpp samples that
+    /// sequence's output rows inside the graph ([`Context::graph_sampled`]). Gives the sampler
+    /// back when llama.cpp refuses it or cannot run every stage on the backend (then sample on
+    /// the host). Replaces nothing: detach first.
+    pub fn attach_sampler(&mut self, seq: i32, sampler: GraphSampler) -> std::result::Result<(), GraphSampler> {
+        self.check_seq(seq);
+        assert!(self.graph_samplers[seq as usize].is_none(), "sequence {seq} already has a graph sampler");
+        // SAFETY: valid context and chain; the chain is stored below and outlives its attachment.
+        let accepted = unsafe { sys::llama_set_sampler(self.ptr.as_ptr(), seq, sampler.as_ptr()) };
+        if accepted && sampler.offloaded() {
+            self.graph_samplers[seq as usize] = Some(sampler);
+            return Ok(());
+        }
+        if accepted {
+            // SAFETY: detaching the chain just attached, before it is handed back.
+            unsafe { sys::llama_set_sampler(self.ptr.as_ptr(), seq, std::ptr::null_mut()) };
+        }
+        Err(sampler)
+    }
+
+    /// Detaches and returns the graph sampler of `seq`, if any (its state is current).
+    pub fn detach_sampler(&mut self, seq: i32) -> Option<GraphSampler> {
+        self.check_seq(seq);
+        let sampler = self.graph_samplers[seq as usize].take()?;
+        // SAFETY: valid context; NULL detaches (llama.cpp drops its pointer to the chain).
+        unsafe { sys::llama_set_sampler(self.ptr.as_ptr(), seq, std::ptr::null_mut()) };
+        Some(sampler)
+    }
+
+    /// Whether `seq` has a graph sampler attached.
+    pub fn has_sampler(&self, seq: i32) -> bool {
+        self.graph_samplers.get(seq as usize).is_some_and(|s| s.is_some())
+    }
+
+    /// The token the graph sampled for the output at `batch_index` of the last decode, with its
+    /// log-prob (see `engine::logprob`); the sequence's sampler has accepted it. None when that
+    /// row was not sampled in the graph.
+    pub fn graph_sampled(&mut self, batch_index: i32, seq: i32) -> Option<(Token, f32)> {
+        if self.outputs.binary_search(&batch_index).is_err() || !self.has_sampler(seq) {
+            return None;
+        }
+        // SAFETY: the index carried an output in the last successful decode of this context;
+        // the probs row holds `count` floats and is read before the next decode.
+        let (token, logprob) = unsafe {
+            let token = sys::llama_get_sampled_token_ith(self.ptr.as_ptr(), batch_index);
+            let probs = sys::llama_get_sampled_probs_ith(self.ptr.as_ptr(), batch_index);
+            let count = sys::llama_get_sampled_probs_count_ith(self.ptr.as_ptr(), batch_index);
+            if token < 0 || probs.is_null() || count != 1 {
+                return None;
+            }
+            (token, *probs)
+        };
+        self.graph_samplers[seq as usize].as_mut().expect("checked").accept(token);
+        Some((token, logprob))
     }
 
     /// Makes `dst` hold exactly the first `len` positions of `src` (the KV fork).

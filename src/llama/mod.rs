@@ -11,6 +11,7 @@
 mod adapter;
 mod batch;
 mod context;
+mod graph_sampler;
 mod log;
 mod model;
 mod sampler;
@@ -18,6 +19,7 @@ mod sampler;
 pub use adapter::LoraAdapter;
 pub use batch::Batch;
 pub use context::{Context, ContextParams, DecodeError, KvMode};
+pub use graph_sampler::GraphSampler;
 pub use model::{ChatMessage, Model, ModelParams};
 pub use sampler::SamplerChain;
 
@@ -40,6 +42,18 @@ pub(crate) fn init() {
 pub fn version() -> String {
     // SAFETY: returns a pointer to a static NUL-terminated string.
     unsafe { std::ffi::CStr::from_ptr(sys::llama_version()) }.to_string_lossy().into_owned()
+}
+
+/// Whether llama.cpp found a GPU device (CUDA, Metal, …) to offload to.
+pub fn has_gpu() -> bool {
+    init();
+    // SAFETY: plain queries over llama.cpp's static device registry.
+    unsafe {
+        (0..sys::ggml_backend_dev_count()).any(|i| {
+            let t = sys::ggml_backend_dev_type(sys::ggml_backend_dev_get(i));
+            t == sys::GGML_BACKEND_DEVICE_TYPE_GPU || t == sys::GGML_BACKEND_DEVICE_TYPE_IGPU
+        })
+    }
 }
 
 /// llama.cpp's description of the CPU/GPU features it was built with.

@@ -44,6 +44,34 @@ impl SamplerChain {
         }
     }
 
+    /// Wraps a chain created by `llama_sampler_chain_init`; the result owns (and frees) it.
+    ///
+    /// # Safety
+    /// `ptr` must be a sampler chain that nothing else frees.
+    pub(crate) unsafe fn from_raw(ptr: NonNull<sys::llama_sampler>) -> SamplerChain {
+        SamplerChain { ptr }
+    }
+
+    /// The raw chain (owned by `self`).
+    pub(crate) fn as_ptr(&self) -> *mut sys::llama_sampler {
+        self.ptr.as_ptr()
+    }
+
+    /// The chain's stages in order (owned by the chain).
+    pub(crate) fn stages(&self) -> Vec<*mut sys::llama_sampler> {
+        // SAFETY: valid chain; indices below its length.
+        unsafe {
+            let n = sys::llama_sampler_chain_n(self.ptr.as_ptr());
+            (0..n).map(|i| sys::llama_sampler_chain_get(self.ptr.as_ptr(), i)).collect()
+        }
+    }
+
+    /// Tells every stage that `token` was taken (RNG and other state advance).
+    pub fn accept(&mut self, token: Token) {
+        // SAFETY: valid chain.
+        unsafe { sys::llama_sampler_accept(self.ptr.as_ptr(), token) };
+    }
+
     /// Samples from a logit row and advances the chain's state (its RNG).
     pub fn sample_row(&mut self, logits: &[f32], scratch: &mut Vec<sys::llama_token_data>) -> Token {
         scratch.clear();
@@ -63,8 +91,7 @@ impl SamplerChain {
         assert!(arr.selected >= 0 && (arr.selected as usize) < arr.size, "sampler selected nothing");
         // SAFETY: selected index checked against size.
         let token = unsafe { (*arr.data.add(arr.selected as usize)).id };
-        // SAFETY: valid chain.
-        unsafe { sys::llama_sampler_accept(self.ptr.as_ptr(), token) };
+        self.accept(token);
         token
     }
 }

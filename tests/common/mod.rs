@@ -65,6 +65,49 @@ pub fn engine(model: &Path, parallel: u32, n_ctx: u32, kv: KvMode) -> Engine {
     .expect("engine starts")
 }
 
+/// A one-sequence context on the engine's model, for replaying what the engine sampled.
+pub fn test_context(e: &Engine) -> gpo::llama::Context {
+    gpo::llama::Context::new(
+        e.model().clone(),
+        &gpo::llama::ContextParams {
+            n_ctx: 2048,
+            n_batch: 1024,
+            n_seq_max: 1,
+            n_threads: 2,
+            kv_mode: KvMode::Unified,
+            flash_attn: None,
+            kv_f32: false,
+        },
+    )
+    .unwrap()
+}
+
+/// Replays a single-sequence trajectory with the engine's batch shapes (the context in one batch,
+/// then one token per decode) and compares every recorded log-prob with a full f64 host
+/// log-softmax of the same logit row. Returns the largest absolute difference.
+pub fn replay_logprob_error(e: &Engine, t: &gpo::engine::Trajectory) -> f64 {
+    let mut ctx = test_context(e);
+    let mut batch = gpo::llama::Batch::new(t.context.len());
+    for (i, &tok) in t.context.iter().enumerate() {
+        batch.push(tok, i as i32, 0, i + 1 == t.context.len()).unwrap();
+    }
+    ctx.decode(&batch).unwrap();
+    let mut row_index = t.context.len() as i32 - 1;
+    let mut worst = 0.0f64;
+    for (k, (&tok, &lp)) in t.tokens.iter().zip(&t.logprobs).enumerate() {
+        let want = gpo::engine::logprob::log_softmax_reference(ctx.logits(row_index).expect("row"), t.temperature)
+            [tok as usize];
+        worst = worst.max((want - lp as f64).abs());
+        if k + 1 < t.tokens.len() {
+            batch.clear();
+            batch.push(tok, (t.context.len() + k) as i32, 0, true).unwrap();
+            ctx.decode(&batch).unwrap();
+            row_index = 0;
+        }
+    }
+    worst
+}
+
 /// Resident memory of this process in KiB.
 pub fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").expect("procfs");
