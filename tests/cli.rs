@@ -150,3 +150,21 @@ fn progress_is_printed_as_plain_lines_when_stderr_is_not_a_terminal() {
     assert!(stderr.lines().any(|l| l.starts_with("evaluating: 6/6")), "{stderr}");
     assert!(!stderr.contains('\u{1b}'), "no terminal escapes in a log: {stderr:?}");
 }
+
+#[test]
+fn info_says_what_the_engine_chose_and_why() {
+    let model = tiny_model("llama");
+    let m = model.to_str().unwrap();
+    let (ok, stdout, stderr) = gpo(&["info", "--model", m, "--threads", "2", "--parallel", "2", "--ctx", "512"]);
+    assert!(ok, "{stderr}");
+    let gpu = gpo::llama::has_gpu();
+    assert!(stdout.contains("\"graph_sampling\": ") && stdout.contains("devices:\n  CPU"), "{stdout}");
+    let sampling = stdout.lines().find(|l| l.starts_with("sampling: ")).expect("a sampling line");
+    assert_eq!(sampling.contains("in the decode graph (auto"), gpu, "{sampling}");
+    assert!(stdout.contains("parallel: 2 sequences"), "{stdout}");
+    let (ok, stdout, _) =
+        gpo(&["info", "--model", m, "--threads", "2", "--parallel", "2", "--ctx", "512", "--sampling", "graph"]);
+    assert!(ok && stdout.contains("sampling: in the decode graph (asked for)"), "{stdout}");
+    let (ok, _, stderr) = gpo(&["info", "--model", m, "--sampling", "gpu"]);
+    assert!(!ok && stderr.contains("not one of auto, graph, host"), "{stderr}");
+}

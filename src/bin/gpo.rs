@@ -655,10 +655,63 @@ fn run(cli: Cli) -> Result<()> {
         },
         Cmd::Info { engine } => {
             let cfg = engine.config()?;
-            let engine = Engine::start(cfg)?;
+            let engine = Engine::start(cfg.clone())?;
             println!("{}", serde_json::to_string_pretty(engine.info()).expect("info serialises"));
             println!("llama.cpp {} | {}", gpo::llama::version(), gpo::llama::system_info().trim());
+            print_choices(&cfg, engine.info());
         }
     }
     Ok(())
+}
+
+/// What the engine chose for this machine, and why (`gpo info`).
+fn print_choices(cfg: &EngineConfig, info: &gpo::engine::EngineInfo) {
+    let devices = gpo::llama::devices();
+    println!("devices:");
+    for d in &devices {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        println!(
+            "  {} ({}){}",
+            d.name,
+            d.description,
+            if d.gpu {
+                format!(", {:.1} GiB, {:.1} GiB free", gib(d.memory.0), gib(d.memory.1))
+            } else {
+                String::new()
+            }
+        );
+    }
+    let gpu = devices.iter().find(|d| d.gpu);
+    let layers = match (gpu, cfg.n_gpu_layers) {
+        (None, _) => "all on the CPU: llama.cpp found no GPU".to_string(),
+        (Some(g), n) if n < 0 => format!("all on {} (gpu_layers = -1: everything that fits is offloaded)", g.name),
+        (Some(g), 0) => format!("all on the CPU (gpu_layers = 0), although {} is present", g.name),
+        (Some(g), n) => format!("{n} on {}, the rest on the CPU", g.name),
+    };
+    println!("layers: {layers}");
+    let sampling = match (cfg.sampling, info.graph_sampling) {
+        (gpo::engine::SamplingBackend::Auto, true) => {
+            "in the decode graph (auto: the logits live on the GPU, so one token and one log-prob per sequence come back instead of a vocabulary row)"
+        }
+        (gpo::engine::SamplingBackend::Auto, false) => {
+            "on the host (auto: no GPU holds the logits; on the CPU the host path measured faster than the graph's full-row top-k)"
+        }
+        (_, true) => "in the decode graph (asked for)",
+        (_, false) => "on the host (asked for)",
+    };
+    println!("sampling: {sampling}");
+    println!(
+        "kv: {} ({})",
+        info.kv_mode,
+        match info.kv_mode {
+            KvMode::PerSequence => "default: decodes as fast as the raw C-API loop and cached prefixes do not slow it",
+            KvMode::Unified => "asked for: forks share cells, but attention spans every cached cell",
+        }
+    );
+    println!(
+        "parallel: {} sequences × {} KV cells, batches of up to {} tokens per decode",
+        info.n_parallel,
+        info.n_ctx_seq,
+        cfg.n_batch.max(cfg.n_parallel)
+    );
 }

@@ -44,16 +44,51 @@ pub fn version() -> String {
     unsafe { std::ffi::CStr::from_ptr(sys::llama_version()) }.to_string_lossy().into_owned()
 }
 
+/// A compute device llama.cpp found.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Device {
+    /// llama.cpp's name ("CPU", "CUDA0", "Metal", …).
+    pub name: String,
+    /// The hardware ("NVIDIA H200", the CPU's model name, …).
+    pub description: String,
+    /// A GPU (discrete or integrated) rather than the CPU or an accelerator.
+    pub gpu: bool,
+    /// Memory in bytes (total, free), as the device reports it.
+    pub memory: (usize, usize),
+}
+
+/// The devices in llama.cpp's registry, in its order.
+pub fn devices() -> Vec<Device> {
+    init();
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            return String::new();
+        }
+        // SAFETY: llama.cpp returns NUL-terminated strings owned by its static registry.
+        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    };
+    // SAFETY: plain queries over llama.cpp's static device registry, indices below its count.
+    unsafe {
+        (0..sys::ggml_backend_dev_count())
+            .map(|i| {
+                let d = sys::ggml_backend_dev_get(i);
+                let t = sys::ggml_backend_dev_type(d);
+                let (mut free, mut total) = (0usize, 0usize);
+                sys::ggml_backend_dev_memory(d, &mut free, &mut total);
+                Device {
+                    name: text(sys::ggml_backend_dev_name(d)),
+                    description: text(sys::ggml_backend_dev_description(d)),
+                    gpu: t == sys::GGML_BACKEND_DEVICE_TYPE_GPU || t == sys::GGML_BACKEND_DEVICE_TYPE_IGPU,
+                    memory: (total, free),
+                }
+            })
+            .collect()
+    }
+}
+
 /// Whether llama.cpp found a GPU device (CUDA, Metal, …) to offload to.
 pub fn has_gpu() -> bool {
-    init();
-    // SAFETY: plain queries over llama.cpp's static device registry.
-    unsafe {
-        (0..sys::ggml_backend_dev_count()).any(|i| {
-            let t = sys::ggml_backend_dev_type(sys::ggml_backend_dev_get(i));
-            t == sys::GGML_BACKEND_DEVICE_TYPE_GPU || t == sys::GGML_BACKEND_DEVICE_TYPE_IGPU
-        })
-    }
+    devices().iter().any(|d| d.gpu)
 }
 
 /// llama.cpp's description of the CPU/GPU features it was built with.
