@@ -49,6 +49,36 @@ typedef enum GpoStatus {
 } GpoStatus;
 
 /*
+ Values of `GpoEngineParams::sampling` (the field is a plain `uint32_t`, so a wrong value is
+ an error, never undefined behaviour).
+ */
+enum GpoSampling
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /*
+   Inside the decode graph when a GPU holds the logits, on the host otherwise (default).
+   */
+  GPO_SAMPLING_AUTO = 0,
+  /*
+   Inside llama.cpp's decode graph (the host for a chain the backend cannot run).
+   */
+  GPO_SAMPLING_GRAPH = 1,
+  /*
+   On the host (every logit row is copied back).
+   */
+  GPO_SAMPLING_HOST = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum GpoSampling GpoSampling;
+#else
+typedef uint32_t GpoSampling;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
  A rollout engine (model + llama.cpp context + its thread).
  Thread-safety: every function taking a `const GpoEngine *` may be called from any thread
  concurrently; requests from different threads share decode batches.
@@ -109,6 +139,11 @@ typedef struct GpoEngineParams {
    true = one KV pool shared by all sequences; false = per-sequence KV (default).
    */
   bool kv_unified;
+  /*
+   Where tokens are sampled: GPO_SAMPLING_AUTO (default: inside the decode graph when a GPU
+   holds the logits, else on the host), GPO_SAMPLING_GRAPH or GPO_SAMPLING_HOST.
+   */
+  uint32_t sampling;
 } GpoEngineParams;
 
 /*

@@ -2,7 +2,8 @@
 
 use super::{check_out, guard, handle, params_or, path_arg, put, str_arg, GpoStatus, GpoTrajectories};
 use crate::engine::{
-    Canceller, Engine, EngineConfig, GenerateRequest, KvMode, Prompt, RequestHandle, SamplingParams, Trajectory,
+    Canceller, Engine, EngineConfig, GenerateRequest, KvMode, Prompt, RequestHandle, SamplingBackend, SamplingParams,
+    Trajectory,
 };
 use std::ffi::c_char;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +33,22 @@ pub struct GpoEngineParams {
     pub n_parallel: u32,
     /// true = one KV pool shared by all sequences; false = per-sequence KV (default).
     pub kv_unified: bool,
+    /// Where tokens are sampled: GPO_SAMPLING_AUTO (default: inside the decode graph when a GPU
+    /// holds the logits, else on the host), GPO_SAMPLING_GRAPH or GPO_SAMPLING_HOST.
+    pub sampling: u32,
+}
+
+/// Values of `GpoEngineParams::sampling` (the field is a plain `uint32_t`, so a wrong value is
+/// an error, never undefined behaviour).
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpoSampling {
+    /// Inside the decode graph when a GPU holds the logits, on the host otherwise (default).
+    GpoSamplingAuto = 0,
+    /// Inside llama.cpp's decode graph (the host for a chain the backend cannot run).
+    GpoSamplingGraph = 1,
+    /// On the host (every logit row is copied back).
+    GpoSamplingHost = 2,
 }
 
 /// Sampling settings of one call.
@@ -55,7 +72,14 @@ pub struct GpoSamplingParams {
 /// Default engine settings.
 #[no_mangle]
 pub extern "C" fn gpo_engine_default_params() -> GpoEngineParams {
-    GpoEngineParams { n_gpu_layers: -1, n_threads: 0, n_ctx_per_seq: 1024, n_parallel: 16, kv_unified: false }
+    GpoEngineParams {
+        n_gpu_layers: -1,
+        n_threads: 0,
+        n_ctx_per_seq: 1024,
+        n_parallel: 16,
+        kv_unified: false,
+        sampling: GpoSampling::GpoSamplingAuto as u32,
+    }
 }
 
 /// Default sampling settings.
@@ -93,10 +117,23 @@ pub unsafe extern "C" fn gpo_engine_new(
         let out = unsafe { check_out(out) }?;
         let path = unsafe { path_arg(model_path, "model_path") }?;
         let p = unsafe { params_or(params, gpo_engine_default_params()) };
+        let sampling = match p.sampling {
+            0 => SamplingBackend::Auto,
+            1 => SamplingBackend::Graph,
+            2 => SamplingBackend::Host,
+            other => {
+                return Err(crate::Error::invalid(
+                    "sampling",
+                    format!("{other} is not GPO_SAMPLING_AUTO (0), GPO_SAMPLING_GRAPH (1) or GPO_SAMPLING_HOST (2)"),
+                )
+                .into())
+            }
+        };
         let engine = Engine::start(EngineConfig {
             n_gpu_layers: p.n_gpu_layers,
             n_threads: p.n_threads,
             kv_mode: if p.kv_unified { KvMode::Unified } else { KvMode::PerSequence },
+            sampling,
             ..EngineConfig::slots(path, p.n_parallel, p.n_ctx_per_seq)
         })?;
         put(out, GpoEngine { engine, inflight: Mutex::new(Vec::new()), next_call: AtomicU64::new(0) });

@@ -76,6 +76,12 @@ int main(int argc, char **argv) {
     GpoEngineParams ep = gpo_engine_default_params();
     ep.n_parallel = 4;
     ep.n_ctx_per_seq = 256;
+    EXPECT(ep.sampling == GPO_SAMPLING_AUTO);
+    ep.sampling = 7;
+    EXPECT(gpo_engine_new(model, &ep, &engine) == GPO_INVALID_ARGUMENT && engine == NULL);
+    EXPECT(strstr(gpo_last_error(), "GPO_SAMPLING_HOST") != NULL);
+    /* Everything below samples inside llama.cpp's decode graph (under ASan in CI). */
+    ep.sampling = GPO_SAMPLING_GRAPH;
     EXPECT(gpo_engine_new(model, &ep, &engine) == GPO_OK && engine != NULL);
     if (!engine) return 1;
 

@@ -39,8 +39,12 @@ OK = 0
 STATUS = {0: "ok", 1: "invalid argument", 2: "I/O error", 3: "model or adapter rejected", 4: "cancelled", 5: "internal error (panic)", 6: "internal error", 7: "callback error"}
 
 
+# GpoEngineParams.sampling (GPO_SAMPLING_AUTO / _GRAPH / _HOST in gpo.h).
+_SAMPLING = {"auto": 0, "graph": 1, "host": 2}
+
+
 class EngineParams(C.Structure):
-    _fields_ = [("n_gpu_layers", C.c_int32), ("n_threads", C.c_int32), ("n_ctx_per_seq", C.c_uint32), ("n_parallel", C.c_uint32), ("kv_unified", C.c_bool)]
+    _fields_ = [("n_gpu_layers", C.c_int32), ("n_threads", C.c_int32), ("n_ctx_per_seq", C.c_uint32), ("n_parallel", C.c_uint32), ("kv_unified", C.c_bool), ("sampling", C.c_uint32)]
 
 
 class SamplingParams(C.Structure):
@@ -208,9 +212,12 @@ class Engine(_Handle):
 
     _free = lib.gpo_engine_free
 
-    def __init__(self, model, n_parallel=16, n_ctx_per_seq=1024, n_threads=0, n_gpu_layers=-1, kv_unified=False):
+    def __init__(self, model, n_parallel=16, n_ctx_per_seq=1024, n_threads=0, n_gpu_layers=-1, kv_unified=False, sampling="auto"):
         p = lib.gpo_engine_default_params()
         p.n_parallel, p.n_ctx_per_seq, p.n_threads, p.n_gpu_layers, p.kv_unified = n_parallel, n_ctx_per_seq, n_threads, n_gpu_layers, kv_unified
+        if sampling not in _SAMPLING:
+            raise ValueError(f"sampling must be one of {sorted(_SAMPLING)}, not {sampling!r}")
+        p.sampling = _SAMPLING[sampling]
         out = P()
         _check(lib.gpo_engine_new(_b(model), C.byref(p), C.byref(out)), "gpo_engine_new")
         super().__init__(out)

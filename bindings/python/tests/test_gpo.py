@@ -46,6 +46,16 @@ def test_generate_tokens_logprobs_steps(engine):
         t.text(5)
 
 
+def test_graph_and_host_sampling_agree_on_greedy():
+    texts = []
+    for where in ("graph", "host"):
+        e = gpo.Engine(MODEL, n_parallel=2, n_ctx_per_seq=256, sampling=where)
+        texts.append(e.generate("Name three colours.", n=1, temperature=0.0, max_tokens=16).tokens(0))
+    assert texts[0] == texts[1]
+    with pytest.raises(ValueError):
+        gpo.Engine(MODEL, sampling="gpu")
+
+
 def test_fork_keeps_the_prefix_and_reproduces_greedy(engine):
     t = engine.generate("Name three colours.", n=1, temperature=0.0, max_tokens=20)
     f = engine.fork(t, 0, 8, n=2, temperature=0.0, max_tokens=12)
