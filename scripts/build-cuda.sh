@@ -27,6 +27,7 @@ done
 # #defines, and cudarc's bindings) under the driver's soname, so the real one loads at run time.
 if [ ! -e "$TK/lib/stubs/libcuda.so" ]; then
   mkdir -p "$TK/lib/stubs"
+  cargo fetch --locked --quiet   # cudarc's sources, for its list of driver entry points
   cudarc=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1 || true)
   {
     grep -oE 'CUDAAPI cu[A-Za-z0-9_]+' "$TK/include/cuda.h" | awk '{print $2}'
