@@ -3,10 +3,12 @@
 # machine without a GPU, with a CUDA 13.0 toolkit assembled from PyPI wheels (13.0 matches the
 # device driver 580; newer nvcc emits PTX that driver may refuse; nvvm is pinned too, or pip pulls
 # the newest cicc, whose PTX 13.0's ptxas rejects). Output: target/cuda-dist/
-# (gpo, gpod and the shared llama/ggml libraries; cuBLAS comes from the device's own install).
+# (gpo, gpod and the shared llama/ggml libraries, stripped) and target/cuda-dist.tar.xz (gpo and
+# the libraries, what the device tool carries); cuBLAS, cudart, cuRAND and the driver come from
+# the device's own install (its PyTorch cu130 wheels).
 #
-# Status: written for the device tool; no device was lent to the session that wrote it, so it
-# has not been run end to end — see the README's GPU section.
+# Status: runs to the end on this project's 2-core CPU machine (a clean clone: 44 min, most of it
+# nvcc); no device was lent yet, so what it builds has not run on a GPU — see the README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TK=${CUDA_TOOLKIT_DIR:-$HOME/.cache/gpo/cuda-13.0}
@@ -46,4 +48,12 @@ cargo build --release --locked --features cuda --target-dir target/cuda --bin gp
 rm -rf target/cuda-dist && mkdir -p target/cuda-dist
 cp target/cuda/release/gpo target/cuda/release/gpod target/cuda-dist/
 find target/cuda/release/build -path '*llama-cpp-sys-2*' -name 'lib*.so*' -exec cp -P {} target/cuda-dist/ \;
+# Debug info is most of the size (measured: 480 MB with it, 181 MB without). The device tool
+# carries 64 MiB, so gpo and the shared libraries also go into one xz tarball (measured 45 MiB)
+# that scripts/device-bench.sh unpacks there; gpod stays out of it (the benchmarks need gpo only).
+strip --strip-unneeded target/cuda-dist/gpo target/cuda-dist/gpod target/cuda-dist/lib*.so.*.*
+libs=$(cd target/cuda-dist && ls lib*.so*)
+# shellcheck disable=SC2086  # one word per library
+tar -C target/cuda-dist -cf - gpo $libs | xz -T2 -6 > target/cuda-dist.tar.xz
 ls -la target/cuda-dist
+du -sh target/cuda-dist target/cuda-dist.tar.xz

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the device machine (H100/H200; no cargo there) from the repository root, with
-# target/cuda-dist/ carried (scripts/build-cuda.sh) and ../shared/anchors copied to ./shared/.
+# target/cuda-dist.tar.xz carried (scripts/build-cuda.sh; 45 MiB of the tool's 64) and
+# ../shared/anchors copied to ./shared/.
 # Measures the GPU rows of the README: rollout vs the raw C-API loop on a 7B-shaped F16 qwen2
 # (64 sequences, 256 + 256 tokens) and the LoRA training step against PEFT (8 × 1,024 tokens, r = 16).
 #
@@ -8,6 +9,11 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/gpo-device}
 mkdir -p "$OUT" /tmp/models
+if [ ! -x target/cuda-dist/gpo ]; then
+  mkdir -p target/cuda-dist
+  tar -C target/cuda-dist -xJf target/cuda-dist.tar.xz 2>/dev/null ||
+    python3 -c 'import tarfile; tarfile.open("target/cuda-dist.tar.xz").extractall("target/cuda-dist")'
+fi
 # cuBLAS and cudart from the device's PyTorch install.
 TORCH_LIBS=$(python3 - <<'PY'
 import os, glob, nvidia
