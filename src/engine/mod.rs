@@ -68,8 +68,8 @@ pub struct EngineConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum SamplingBackend {
     /// The graph when the model runs on a GPU (the logit rows then stay on the device), the host
-    /// otherwise: on the CPU the graph's top-k sorts the whole row and measured ~7% slower for
-    /// truncated sampling (README, "Sampling in the graph").
+    /// otherwise: on the CPU the graph's top-k sorts the whole row and measured 0.91× the host
+    /// path for truncated sampling (README, "Sampling in the graph").
     #[default]
     Auto,
     /// Inside llama.cpp's decode graph (its backend-sampling API): one token and one log-prob
