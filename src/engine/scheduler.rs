@@ -575,6 +575,7 @@ impl Scheduler {
         // B. One pass over each logit row: max, log-sum-exp; then each member samples.
         let mut sampled: Vec<(usize, Token, f32)> = Vec::new();
         let mut broken = Vec::new();
+        let mut unsampled = Vec::new();
         for (index, members) in groups {
             if let [slot] = members[..] {
                 if self.ctx.has_sampler(slot as i32) {
@@ -583,7 +584,8 @@ impl Scheduler {
                             self.stats.graph_sampled_tokens += 1;
                             sampled.push((slot, token, logprob));
                         }
-                        _ => broken.push(slot),
+                        Some(_) => broken.push(slot),
+                        None => unsampled.push(slot),
                     }
                     continue;
                 }
@@ -608,6 +610,10 @@ impl Scheduler {
         for slot in broken {
             let why = "the model produced non-finite logits (NaN or infinity): its weights or adapter are broken";
             self.fail_slot(slot, Error::Decode { code: -2, reason: why.into() });
+        }
+        for slot in unsampled {
+            let why = "llama.cpp returned no token or log-prob from this sequence's in-graph sampler (sampling = \"host\" avoids the graph)";
+            self.fail_slot(slot, Error::Decode { code: -3, reason: why.into() });
         }
     }
 
