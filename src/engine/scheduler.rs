@@ -577,18 +577,18 @@ impl Scheduler {
         let mut broken = Vec::new();
         let mut unsampled = Vec::new();
         for (index, members) in groups {
-            if let [slot] = members[..] {
-                if self.ctx.has_sampler(slot as i32) {
-                    match self.ctx.graph_sampled(index, slot as i32) {
-                        Some((token, logprob)) if logprob.is_finite() => {
-                            self.stats.graph_sampled_tokens += 1;
-                            sampled.push((slot, token, logprob));
-                        }
-                        Some(_) => broken.push(slot),
-                        None => unsampled.push(slot),
+            if self.ctx.is_graph_output(index) {
+                // Graph samplers are attached only to sequences without followers.
+                let slot = members[0];
+                match self.ctx.graph_sampled(index) {
+                    Some((token, logprob)) if logprob.is_finite() => {
+                        self.stats.graph_sampled_tokens += 1;
+                        sampled.push((slot, token, logprob));
                     }
-                    continue;
+                    Some(_) => broken.push(slot),
+                    None => unsampled.push(slot),
                 }
+                continue;
             }
             let logits = self.ctx.logits(index).expect("logits were requested for this token");
             let temperature = self.slots[members[0]].running.as_ref().expect("running").w.job.sampling.temperature;

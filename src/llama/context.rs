@@ -79,9 +79,9 @@ pub struct Context {
     adapter: Option<(Arc<LoraAdapter>, f32)>,
     /// Batch indices that carried logits in the last successful decode, ascending.
     outputs: Vec<i32>,
-    /// Whether the last decode copied raw logit rows back (llama.cpp skips them when every
-    /// output row belongs to a sequence with a graph sampler).
-    raw_logits: bool,
+    /// (batch index, sequence) of the outputs of the last decode that were sampled in the graph,
+    /// ascending: their sequences had a graph sampler attached when the batch was decoded.
+    graph_outputs: Vec<(i32, i32)>,
     /// Graph samplers attached per sequence id. llama.cpp holds raw pointers to them, so they are
     /// owned here and dropped only after detaching or after the context is freed.
     graph_samplers: Vec<Option<GraphSampler>>,
@@ -157,7 +157,7 @@ impl Context {
             kv_mode: p.kv_mode,
             adapter: None,
             outputs: Vec::new(),
-            raw_logits: false,
+            graph_outputs: Vec::new(),
             graph_samplers: (0..p.n_seq_max).map(|_| None).collect(),
             owner: None,
         })
@@ -224,10 +224,15 @@ impl Context {
         // SAFETY: the batch was built with checked writes; sequence ids were checked above.
         let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw()) };
         self.outputs.clear();
+        self.graph_outputs.clear();
         if rc == 0 {
             self.outputs.extend_from_slice(batch.outputs());
-            self.raw_logits =
-                self.outputs.iter().any(|&i| self.graph_samplers[batch.seq_at(i as usize) as usize].is_none());
+            self.graph_outputs.extend(
+                self.outputs
+                    .iter()
+                    .map(|&i| (i, batch.seq_at(i as usize)))
+                    .filter(|&(_, seq)| self.graph_samplers[seq as usize].is_some()),
+            );
         }
         match rc {
             0 => Ok(()),
@@ -240,7 +245,9 @@ impl Context {
     /// Logits of the token at `batch_index` of the last decoded batch (it must have asked for them).
     /// None when the row was sampled in the graph and llama.cpp sent no raw logits back.
     pub fn logits(&self, batch_index: i32) -> Option<&[f32]> {
-        if !self.raw_logits || self.outputs.binary_search(&batch_index).is_err() {
+        // llama.cpp copies raw rows back unless every output row was sampled in the graph.
+        let raw_logits = self.graph_outputs.len() < self.outputs.len();
+        if !raw_logits || self.outputs.binary_search(&batch_index).is_err() {
             return None;
         }
         // SAFETY: the index carried logits in the last successful decode; the row has n_vocab
@@ -285,13 +292,17 @@ impl Context {
         self.graph_samplers.get(seq as usize).is_some_and(|s| s.is_some())
     }
 
+    /// Whether the output at `batch_index` of the last decode was sampled in the graph.
+    pub fn is_graph_output(&self, batch_index: i32) -> bool {
+        self.graph_outputs.binary_search_by_key(&batch_index, |&(i, _)| i).is_ok()
+    }
+
     /// The token the graph sampled for the output at `batch_index` of the last decode, with its
     /// log-prob (see `engine::logprob`); the sequence's sampler has accepted it. None when that
-    /// row was not sampled in the graph.
-    pub fn graph_sampled(&mut self, batch_index: i32, seq: i32) -> Option<(Token, f32)> {
-        if self.outputs.binary_search(&batch_index).is_err() || !self.has_sampler(seq) {
-            return None;
-        }
+    /// row was not sampled in the graph or llama.cpp returned nothing for it.
+    pub fn graph_sampled(&mut self, batch_index: i32) -> Option<(Token, f32)> {
+        let k = self.graph_outputs.binary_search_by_key(&batch_index, |&(i, _)| i).ok()?;
+        let seq = self.graph_outputs[k].1;
         // SAFETY: the index carried an output in the last successful decode of this context;
         // the probs row holds `count` floats and is read before the next decode.
         let (token, logprob) = unsafe {
@@ -303,7 +314,8 @@ impl Context {
             }
             (token, *probs)
         };
-        self.graph_samplers[seq as usize].as_mut().expect("checked").accept(token);
+        // A sampler detached since the decode has no state left to advance: report nothing.
+        self.graph_samplers[seq as usize].as_mut()?.accept(token);
         Some((token, logprob))
     }
 

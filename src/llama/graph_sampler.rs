@@ -312,14 +312,22 @@ mod tests {
             }
         }
         ctx.decode(&batch).unwrap();
-        assert!(ctx.graph_sampled(last[0], 0).is_none(), "no graph sampler on sequence 0");
-        let (token, logprob) = ctx.graph_sampled(last[1], 1).expect("sequence 1 sampled in the graph");
+        assert!(
+            !ctx.is_graph_output(last[0]) && ctx.graph_sampled(last[0]).is_none(),
+            "no graph sampler on sequence 0"
+        );
+        assert!(ctx.is_graph_output(last[1]));
+        let (token, logprob) = ctx.graph_sampled(last[1]).expect("sequence 1 sampled in the graph");
         // Sequence 0 has no graph sampler, so llama.cpp copied the raw rows of both back.
         let row = ctx.logits(last[1]).expect("raw logits in a mixed batch").to_vec();
         let argmax = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
         assert_eq!(token as usize, argmax, "greedy in the graph picks the host's argmax");
         let want = log_softmax_reference(&row, 1.0)[argmax];
         assert!((want - logprob as f64).abs() < 1e-4, "graph log-prob {logprob} vs host {want}");
+        assert!(ctx.logits(last[0]).is_some());
+        // A sampler attached after the decode does not make that decode's row a graph row.
+        assert!(ctx.attach_sampler(0, GraphSampler::greedy()).is_ok());
+        assert!(!ctx.is_graph_output(last[0]) && ctx.graph_sampled(last[0]).is_none());
         assert!(ctx.logits(last[0]).is_some());
         assert!(ctx.detach_sampler(1).is_some());
         assert!(!ctx.has_sampler(1));
