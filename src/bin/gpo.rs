@@ -710,8 +710,6 @@ fn print_choices(cfg: &EngineConfig, info: &gpo::engine::EngineInfo) {
     );
     println!(
         "parallel: {} sequences × {} KV cells, batches of up to {} tokens per decode",
-        info.n_parallel,
-        info.n_ctx_seq,
-        cfg.n_batch.max(cfg.n_parallel)
+        info.n_parallel, info.n_ctx_seq, info.n_batch
     );
 }

@@ -94,16 +94,6 @@ impl std::str::FromStr for SamplingBackend {
     }
 }
 
-impl std::fmt::Display for SamplingBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            SamplingBackend::Auto => "auto",
-            SamplingBackend::Graph => "graph",
-            SamplingBackend::Host => "host",
-        })
-    }
-}
-
 impl EngineConfig {
     /// `model` with `parallel` sequences of `ctx_per_sequence` KV cells each (the other
     /// settings default).
@@ -172,6 +162,8 @@ pub struct EngineInfo {
     pub kv_mode: KvMode,
     /// Whether decoding sequences sample inside the graph (the resolved [`SamplingBackend`]).
     pub graph_sampling: bool,
+    /// Most tokens one decode call takes.
+    pub n_batch: u32,
 }
 
 /// Counters since start.
@@ -373,6 +365,7 @@ impl Engine {
             n_parallel: cfg.n_parallel,
             kv_mode: cfg.kv_mode,
             graph_sampling,
+            n_batch: ctx.n_batch(),
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         let scheduler = Scheduler::new(ctx, rx, cfg.max_cached_tokens, cfg.prefix_cache, graph_sampling);

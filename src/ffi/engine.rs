@@ -118,9 +118,9 @@ pub unsafe extern "C" fn gpo_engine_new(
         let path = unsafe { path_arg(model_path, "model_path") }?;
         let p = unsafe { params_or(params, gpo_engine_default_params()) };
         let sampling = match p.sampling {
-            0 => SamplingBackend::Auto,
-            1 => SamplingBackend::Graph,
-            2 => SamplingBackend::Host,
+            x if x == GpoSampling::GpoSamplingAuto as u32 => SamplingBackend::Auto,
+            x if x == GpoSampling::GpoSamplingGraph as u32 => SamplingBackend::Graph,
+            x if x == GpoSampling::GpoSamplingHost as u32 => SamplingBackend::Host,
             other => {
                 return Err(crate::Error::invalid(
                     "sampling",

@@ -98,13 +98,7 @@ fn block(
 
     // gpo's path: norms, RoPE and attention as single nodes with analytic backwards; the plain
     // baseline keeps candle's primitive graph.
-    let norm = |x: &Tensor, w: &Tensor| {
-        if lora.plain {
-            rms_norm(x, w, cfg.rms_eps)
-        } else {
-            rms_norm_fused(x, w, cfg.rms_eps)
-        }
-    };
+    let norm = |x: &Tensor, w: &Tensor| norm(x, w, cfg.rms_eps, lora.plain);
     let rot = |x: &Tensor| {
         if lora.plain {
             rope(x, cos, sin, cfg.rope_neox)
@@ -165,6 +159,15 @@ fn head(h: &Tensor, output: &Tensor, targets: &Tensor, inv_t: f64, softcap: f64,
         logits = ((logits / softcap)?.tanh()? * softcap)?;
     }
     log_softmax_last(&(logits * inv_t)?)?.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
+}
+
+/// RMS norm as one fused node, or as candle's primitive ops for the `plain` baseline.
+fn norm(x: &Tensor, w: &Tensor, eps: f64, plain: bool) -> candle_core::Result<Tensor> {
+    if plain {
+        rms_norm(x, w, eps)
+    } else {
+        rms_norm_fused(x, w, eps)
+    }
 }
 
 /// Estimated bytes of the activations that a forward with gradients keeps for sequences of
@@ -262,12 +265,7 @@ impl Forward<'_> {
                 x = block(&x, bw, &lora, scale, cfg, il, &tb).map_err(cerr)?;
             }
         }
-        let h = if self.plain {
-            rms_norm(&x, &w.output_norm, cfg.rms_eps)
-        } else {
-            rms_norm_fused(&x, &w.output_norm, cfg.rms_eps)
-        }
-        .map_err(cerr)?;
+        let h = norm(&x, &w.output_norm, cfg.rms_eps, self.plain).map_err(cerr)?;
         let h = h.narrow(0, start - 1, t - (start - 1)).map_err(cerr)?;
         let targets: Vec<u32> = tokens[start..].to_vec();
         let n = targets.len();
