@@ -376,6 +376,95 @@ fn recomputation_changes_no_gradient_and_auto_follows_the_budget() {
     assert!(small.iter().all(|r| r.phases.recomputed) && large.iter().all(|r| !r.phases.recomputed));
 }
 
+/// Loss reports and every gradient of two steps on `batch`.
+fn two_steps(c: TrainerConfig, batch: &Batch) -> (Vec<f64>, Vec<Vec<f32>>) {
+    let mut t = Trainer::new(c).unwrap();
+    let losses = (0..2).map(|_| t.step(batch).unwrap().loss).collect();
+    let grads = t
+        .lora()
+        .pairs
+        .iter()
+        .flat_map(|p| [&p.a, &p.b])
+        .map(|v| t.last_grad(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    (losses, grads)
+}
+
+#[test]
+fn packed_micro_batches_give_the_unpacked_losses_and_gradients() {
+    // f32, sequences of different lengths in one micro-batch, every target; gemma3 crosses its
+    // sliding window and has Q/K norms, qwen2 has q/k/v biases.
+    for model in [tiny_gemma(), tiny_model("qwen2")] {
+        let m = Model::load(&model, &ModelParams::default()).unwrap();
+        let p = tokens(&m, PROMPT);
+        let policy = Batch::Completions(completions(&m, true));
+        let pairs = Batch::Pairs(vec![
+            Pair { prompt: p.clone(), chosen: tokens(&m, " five"), rejected: tokens(&m, " six or so") },
+            Pair { prompt: p[..p.len() - 2].to_vec(), chosen: tokens(&m, " 5."), rejected: tokens(&m, " 7") },
+        ]);
+        let grpo = Objective::Grpo { clip: 0.2, aggregation: Aggregation::TokenMean };
+        for (objective, batch) in [(grpo, &policy), (Objective::Dpo { beta: 0.5 }, &pairs)] {
+            for recompute in [Recompute::Never, Recompute::Always] {
+                let run = |pack: bool| {
+                    let mut c = cfg(model.clone(), objective.clone());
+                    c.lora.targets = Target::ALL.to_vec();
+                    (c.pack, c.recompute, c.micro_batch) = (pack, recompute, 4);
+                    two_steps(c, batch)
+                };
+                let ((l_one, g_one), (l_packed, g_packed)) = (run(false), run(true));
+                for (a, b) in l_one.iter().zip(&l_packed) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                        "{}: loss {a} unpacked vs {b} packed",
+                        model.display()
+                    );
+                }
+                for (x, y) in g_one.iter().zip(&g_packed) {
+                    let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+                    let d = x.iter().zip(y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(d <= 1e-5 * scale, "{}: gradients differ by {d:e} (largest {scale:e})", model.display());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_log_probs_equal_one_forward_per_sequence_on_the_real_model() {
+    let m = Model::load(&real_f32(), &ModelParams::default()).unwrap();
+    let w = gpo::train::Weights::load(&real_f32(), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let sink = gpo::train::GradSink::default();
+    let fwd = gpo::train::model::Forward {
+        weights: &w,
+        lora: None,
+        sink: &sink,
+        head_chunk: 7,
+        plain: false,
+        recompute: false,
+    };
+    let texts = [(PROMPT, ANSWER), ("Sara has 6 books.", " She loses 5, so 1 is left."), ("2+2=", " 4")];
+    let seqs: Vec<(Vec<u32>, usize)> = texts
+        .iter()
+        .map(|(p, c)| {
+            let p = tokens(&m, p);
+            (p.iter().copied().chain(tokens(&m, c)).collect(), p.len())
+        })
+        .collect();
+    let refs: Vec<(&[u32], usize)> = seqs.iter().map(|(s, k)| (s.as_slice(), *k)).collect();
+    let packed = fwd.logprobs_packed(&refs, 0.7, false).unwrap();
+    assert_eq!(packed.len(), seqs.len());
+    for ((s, k), lp) in refs.iter().zip(&packed) {
+        let one = fwd.logprobs(s, *k, 0.7, false).unwrap().to_vec1::<f32>().unwrap();
+        let lp = lp.to_vec1::<f32>().unwrap();
+        assert_eq!(lp.len(), s.len() - k);
+        let d = one.iter().zip(&lp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-4, "packed vs one forward: max |Δ log-prob| {d}");
+    }
+    // Bad sequences are refused whichever position they hold in the pack.
+    let e = fwd.logprobs_packed(&[refs[0], (&seqs[1].0, seqs[1].0.len())], 1.0, false).unwrap_err();
+    assert!(e.to_string().contains("needs 1 ≤ start < length"), "{e}");
+}
+
 #[test]
 fn nll_falls_and_dpo_raises_the_margin_on_the_real_model() {
     let model = real_model();

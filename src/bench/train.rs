@@ -60,7 +60,9 @@ pub struct TrainArgs {
 pub enum Variant {
     /// candle's plain autograd: frozen-weight gradients, full logits, no recomputation.
     Plain,
-    /// gpo's trainer keeping activations.
+    /// gpo's trainer keeping activations, one forward per sequence (`pack = false`).
+    Unpacked,
+    /// gpo's trainer keeping activations, the micro-batch packed into one forward.
     Keep,
     /// gpo's trainer with block recomputation (the default of real runs).
     Recompute,
@@ -70,7 +72,8 @@ impl Variant {
     fn label(self) -> &'static str {
         match self {
             Variant::Plain => "candle plain autograd",
-            Variant::Keep => "gpo: frozen-weight op, chunked head, activations kept",
+            Variant::Unpacked => "gpo: frozen-weight op, chunked head, activations kept, one forward per sequence",
+            Variant::Keep => "gpo: + sequences packed into one forward",
             Variant::Recompute => "gpo: + block recomputation",
         }
     }
@@ -78,6 +81,7 @@ impl Variant {
     fn arg(self) -> &'static str {
         match self {
             Variant::Plain => "plain",
+            Variant::Unpacked => "unpacked",
             Variant::Keep => "keep",
             Variant::Recompute => "recompute",
         }
@@ -284,6 +288,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             device: args.device.clone(),
             plain_autograd: v == Variant::Plain,
             recompute: if v == Variant::Recompute { Recompute::Always } else { Recompute::Never },
+            pack: v != Variant::Unpacked,
             ..Default::default()
         };
         let n_vocab =
@@ -339,7 +344,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let variants: &[Variant] = if args.no_baseline {
         &[Variant::Keep, Variant::Recompute]
     } else {
-        &[Variant::Plain, Variant::Keep, Variant::Recompute]
+        &[Variant::Plain, Variant::Unpacked, Variant::Keep, Variant::Recompute]
     };
     for &v in variants {
         let mut cmd = Command::new(&exe);

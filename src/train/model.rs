@@ -28,6 +28,8 @@ struct BlockLora {
 /// Per-sequence tables shared by all blocks.
 #[derive(Clone)]
 struct Tables {
+    /// The sequence's positions (rows of its segment in a packed batch).
+    t: usize,
     cos: Tensor,
     sin: Tensor,
     cos_swa: Tensor,
@@ -59,7 +61,7 @@ fn tables(cfg: &ArchConfig, t: usize, dtype: DType, dev: &candle_core::Device) -
     };
     let m = mask(t, 0, dtype, dev)?;
     let mask_swa = if cfg.sliding_window > 0 { mask(t, cfg.sliding_window, dtype, dev)? } else { m.clone() };
-    Ok(Tables { cos, sin, cos_swa, sin_swa, mask: m, mask_swa })
+    Ok(Tables { t, cos, sin, cos_swa, sin_swa, mask: m, mask_swa })
 }
 
 fn linear(
@@ -81,7 +83,10 @@ fn linear(
     Ok(y)
 }
 
-/// One transformer block on `x` (t × d).
+/// One transformer block on `x` (T × d): the rows of one or more sequences packed one after
+/// the other, `segs` giving each sequence's tables in order. Projections, norms and the MLP run
+/// once on all T rows; RoPE and attention run per sequence (positions restart, no attention
+/// across sequences).
 fn block(
     x: &Tensor,
     w: &BlockWeights,
@@ -89,48 +94,57 @@ fn block(
     scale: f64,
     cfg: &ArchConfig,
     il: usize,
-    tb: &Tables,
+    segs: &[Tables],
 ) -> CResult<Tensor> {
-    let t = x.dim(0)?;
     let (nh, nkv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
     let swa = cfg.is_swa(il);
-    let (cos, sin, msk) = if swa { (&tb.cos_swa, &tb.sin_swa, &tb.mask_swa) } else { (&tb.cos, &tb.sin, &tb.mask) };
 
     // gpo's path: norms, RoPE and attention as single nodes with analytic backwards; the plain
     // baseline keeps candle's primitive graph.
     let norm = |x: &Tensor, w: &Tensor| norm(x, w, cfg.rms_eps, lora.plain);
-    let rot = |x: &Tensor| {
-        if lora.plain {
-            rope(x, cos, sin, cfg.rope_neox)
-        } else {
-            rope_fused(x, cos, sin, cfg.rope_neox)
-        }
-    };
     let h = norm(x, &w.attn_norm)?;
-    let q = linear(&h, &w.wq, w.bq.as_ref(), lora, Target::Q, scale)?.reshape((t, nh, hd))?;
-    let k = linear(&h, &w.wk, w.bk.as_ref(), lora, Target::K, scale)?.reshape((t, nkv, hd))?;
-    let v = linear(&h, &w.wv, w.bv.as_ref(), lora, Target::V, scale)?.reshape((t, nkv, hd))?;
-    let (q, k) = match (&w.q_norm, &w.k_norm) {
-        (Some(qn), Some(kn)) => (norm(&q, qn)?, norm(&k, kn)?),
-        _ => (q, k),
-    };
-    let q = rot(&q.transpose(0, 1)?.contiguous()?)?;
-    let k = rot(&k.transpose(0, 1)?.contiguous()?)?;
-    let v = v.transpose(0, 1)?.contiguous()?;
-    let (k, v) = if nkv != nh {
-        let rep = nh / nkv;
-        let expand = |z: Tensor| z.unsqueeze(1)?.expand((nkv, rep, t, hd))?.reshape((nh, t, hd));
-        (expand(k)?, expand(v)?)
-    } else {
-        (k, v)
-    };
-    let attn_scale = 1.0 / (hd as f64).sqrt();
-    let o = if lora.plain {
-        softmax_last(&(q.matmul(&k.t()?)? * attn_scale)?.broadcast_add(msk)?)?.matmul(&v)?
-    } else {
-        attention(&q.contiguous()?, &k.contiguous()?, &v, msk, attn_scale)?
-    };
-    let o = o.transpose(0, 1)?.reshape((t, nh * hd))?;
+    let q_all = linear(&h, &w.wq, w.bq.as_ref(), lora, Target::Q, scale)?;
+    let k_all = linear(&h, &w.wk, w.bk.as_ref(), lora, Target::K, scale)?;
+    let v_all = linear(&h, &w.wv, w.bv.as_ref(), lora, Target::V, scale)?;
+    let mut outs = Vec::with_capacity(segs.len());
+    let mut row = 0;
+    for tb in segs {
+        let t = tb.t;
+        let (cos, sin, msk) = if swa { (&tb.cos_swa, &tb.sin_swa, &tb.mask_swa) } else { (&tb.cos, &tb.sin, &tb.mask) };
+        let rot = |x: &Tensor| {
+            if lora.plain {
+                rope(x, cos, sin, cfg.rope_neox)
+            } else {
+                rope_fused(x, cos, sin, cfg.rope_neox)
+            }
+        };
+        let q = q_all.narrow(0, row, t)?.reshape((t, nh, hd))?;
+        let k = k_all.narrow(0, row, t)?.reshape((t, nkv, hd))?;
+        let v = v_all.narrow(0, row, t)?.reshape((t, nkv, hd))?;
+        row += t;
+        let (q, k) = match (&w.q_norm, &w.k_norm) {
+            (Some(qn), Some(kn)) => (norm(&q, qn)?, norm(&k, kn)?),
+            _ => (q, k),
+        };
+        let q = rot(&q.transpose(0, 1)?.contiguous()?)?;
+        let k = rot(&k.transpose(0, 1)?.contiguous()?)?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let (k, v) = if nkv != nh {
+            let rep = nh / nkv;
+            let expand = |z: Tensor| z.unsqueeze(1)?.expand((nkv, rep, t, hd))?.reshape((nh, t, hd));
+            (expand(k)?, expand(v)?)
+        } else {
+            (k, v)
+        };
+        let attn_scale = 1.0 / (hd as f64).sqrt();
+        let o = if lora.plain {
+            softmax_last(&(q.matmul(&k.t()?)? * attn_scale)?.broadcast_add(msk)?)?.matmul(&v)?
+        } else {
+            attention(&q.contiguous()?, &k.contiguous()?, &v, msk, attn_scale)?
+        };
+        outs.push(o.transpose(0, 1)?.reshape((t, nh * hd))?);
+    }
+    let o = if outs.len() == 1 { outs.pop().expect("one segment") } else { Tensor::cat(&outs, 0)? };
     let mut attn = linear(&o, &w.wo, None, lora, Target::O, scale)?;
     if let Some(n) = &w.attn_post_norm {
         attn = norm(&attn, n)?;
@@ -204,31 +218,52 @@ impl Forward<'_> {
     /// (log-softmax of logits / T over the full vocabulary). With `grad`, the result carries
     /// gradients to the adapter (through `sink`); without, nothing is recorded.
     pub fn logprobs(&self, tokens: &[u32], start: usize, temperature: f64, grad: bool) -> Result<Tensor> {
+        let mut out = self.logprobs_packed(&[(tokens, start)], temperature, grad)?;
+        Ok(out.pop().expect("one sequence in, one out"))
+    }
+
+    /// [`Forward::logprobs`] for several sequences at once, each `(tokens, start)`, one tensor
+    /// per sequence in order. The sequences are packed into one matrix of rows without padding:
+    /// every projection, norm and MLP runs once for all of them (larger matmuls, fewer graph
+    /// nodes), while RoPE and attention run per sequence, so each result equals its own
+    /// [`Forward::logprobs`] up to the summation order of the matmuls.
+    pub fn logprobs_packed(&self, seqs: &[(&[u32], usize)], temperature: f64, grad: bool) -> Result<Vec<Tensor>> {
         let w = self.weights;
         let cfg = &w.cfg;
-        if start == 0 || start >= tokens.len() {
-            return Err(Error::invalid(
-                "sequence",
-                format!("targets {start}..{} (needs 1 ≤ start < length)", tokens.len()),
-            ));
+        if seqs.is_empty() {
+            return Ok(Vec::new());
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-            return Err(Error::invalid(
-                "sequence",
-                format!("token id {bad} outside the vocabulary of {}", cfg.n_vocab),
-            ));
+        for &(tokens, start) in seqs {
+            if start == 0 || start >= tokens.len() {
+                return Err(Error::invalid(
+                    "sequence",
+                    format!("targets {start}..{} (needs 1 ≤ start < length)", tokens.len()),
+                ));
+            }
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
+                return Err(Error::invalid(
+                    "sequence",
+                    format!("token id {bad} outside the vocabulary of {}", cfg.n_vocab),
+                ));
+            }
         }
         if !(temperature > 0.0 && temperature.is_finite()) {
             return Err(Error::invalid("temperature", format!("{temperature} must be positive")));
         }
         let dev = &w.device;
-        let t = tokens.len() - 1; // positions that predict a next token
-        let ids = Tensor::from_slice(&tokens[..t], t, dev).map_err(cerr)?;
+        // Each sequence contributes the positions that predict a next token (all but its last).
+        let inputs: Vec<u32> = seqs.iter().flat_map(|(tokens, _)| tokens[..tokens.len() - 1].iter().copied()).collect();
+        let ids = Tensor::from_slice(&inputs, inputs.len(), dev).map_err(cerr)?;
         let mut x = w.tok_embd.index_select(&ids, 0).map_err(cerr)?;
         if cfg.family == Family::Gemma3 {
             x = (x * (cfg.n_embd as f32).sqrt() as f64).map_err(cerr)?;
         }
-        let tb = tables(cfg, t, w.dtype, dev).map_err(cerr)?;
+        let segs: Arc<Vec<Tables>> = Arc::new(
+            seqs.iter()
+                .map(|(tokens, _)| tables(cfg, tokens.len() - 1, w.dtype, dev))
+                .collect::<CResult<_>>()
+                .map_err(cerr)?,
+        );
         let scale = self.lora.map_or(1.0, Lora::scale);
         if grad {
             // A variable at the root makes candle walk into the checkpointed blocks.
@@ -257,17 +292,34 @@ impl Forward<'_> {
                 .unwrap_or_default();
             let lora = BlockLora { pairs, plain: self.plain };
             if grad && !self.plain && self.recompute {
-                let (bw, cfg, tb) = (bw.clone(), Arc::new(cfg.clone()), tb.clone());
+                let (bw, cfg, segs) = (bw.clone(), Arc::new(cfg.clone()), segs.clone());
                 let params = self.lora.map(|l| l.block_vars(il)).unwrap_or_default();
-                x = checkpoint(&x, params, self.sink, move |x| block(x, &bw, &lora, scale, &cfg, il, &tb))
+                x = checkpoint(&x, params, self.sink, move |x| block(x, &bw, &lora, scale, &cfg, il, &segs))
                     .map_err(cerr)?;
             } else {
-                x = block(&x, bw, &lora, scale, cfg, il, &tb).map_err(cerr)?;
+                x = block(&x, bw, &lora, scale, cfg, il, &segs).map_err(cerr)?;
             }
         }
         let h = norm(&x, &w.output_norm, cfg.rms_eps, self.plain).map_err(cerr)?;
-        let h = h.narrow(0, start - 1, t - (start - 1)).map_err(cerr)?;
-        let targets: Vec<u32> = tokens[start..].to_vec();
+        // The rows that predict targets: positions start-1.. of each sequence's segment.
+        let mut rows = Vec::new();
+        let mut targets: Vec<u32> = Vec::new();
+        let mut counts = Vec::with_capacity(seqs.len());
+        let mut offset = 0u32;
+        for &(tokens, start) in seqs {
+            let t = (tokens.len() - 1) as u32;
+            rows.extend(offset + start as u32 - 1..offset + t);
+            targets.extend_from_slice(&tokens[start..]);
+            counts.push(tokens.len() - start);
+            offset += t;
+        }
+        let h = if seqs.len() == 1 {
+            let first = rows[0] as usize;
+            h.narrow(0, first, rows.len()).map_err(cerr)?
+        } else {
+            let idx = Tensor::from_vec(rows, targets.len(), dev).map_err(cerr)?;
+            h.index_select(&idx, 0).map_err(cerr)?
+        };
         let n = targets.len();
         let chunk = if self.plain { n } else { self.head_chunk.max(1) };
         let mut parts = Vec::with_capacity(n.div_ceil(chunk));
@@ -286,7 +338,18 @@ impl Forward<'_> {
             };
             parts.push(part.map_err(cerr)?);
         }
-        Tensor::cat(&parts, 0).map_err(cerr)
+        let all =
+            if parts.len() == 1 { parts.pop().expect("one chunk") } else { Tensor::cat(&parts, 0).map_err(cerr)? };
+        if seqs.len() == 1 {
+            return Ok(vec![all]);
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for c in counts {
+            out.push(all.narrow(0, at, c).map_err(cerr)?);
+            at += c;
+        }
+        Ok(out)
     }
 
     /// Mean over positions of the chosen tokens' log-probs, in f64 (for reporting).
