@@ -430,8 +430,44 @@ fn packed_micro_batches_give_the_unpacked_losses_and_gradients() {
 }
 
 #[test]
+fn later_epochs_clip_against_the_policy_before_the_first() {
+    let model = tiny_model("qwen2");
+    let m = Model::load(&model, &ModelParams::default()).unwrap();
+    let batch = Batch::Completions(completions(&m, false));
+    // A tight clip: any movement of the policy between epochs shows up as clipped tokens.
+    let c =
+        TrainerConfig { epochs: 3, ..cfg(model, Objective::Grpo { clip: 1e-3, aggregation: Aggregation::TokenMean }) };
+    let mut t = Trainer::new(c).unwrap();
+    let reports = t.fit_batch(&batch).unwrap();
+    assert_eq!(reports.len(), 3);
+    let clipped: Vec<f64> = reports.iter().map(|r| r.clip_fraction.unwrap()).collect();
+    eprintln!("clip fractions per epoch: {clipped:?}");
+    // Epoch 1 is at π_old itself; later epochs see the policy moved away from it.
+    assert_eq!(clipped[0], 0.0, "{clipped:?}");
+    assert!(clipped[1] > 0.0, "{clipped:?}");
+    // An epoch whose every token is clipped has no gradient: skipped with the reason, not an error.
+    for r in &reports {
+        if let Some(why) = &r.skipped {
+            assert!(why.contains("no token carries a gradient"), "{why}");
+        }
+    }
+    let applied = reports.iter().filter(|r| r.skipped.is_none()).count() as u64;
+    assert!(applied >= 1);
+    assert_eq!(t.steps_done(), applied);
+    // `step` alone (one epoch) takes π_old from its own gradient pass: nothing is ever clipped.
+    for _ in 0..2 {
+        assert_eq!(t.step(&batch).unwrap().clip_fraction, Some(0.0));
+    }
+    // A bad batch fails before any step and leaves no fixed π_old behind.
+    let bad = Batch::Completions(vec![Completion::new(vec![1, 2], vec![u32::MAX], 1.0)]);
+    assert!(t.fit_batch(&bad).is_err());
+    assert_eq!(t.steps_done(), applied + 2);
+    assert_eq!(t.step(&batch).unwrap().clip_fraction, Some(0.0));
+}
+
+#[test]
 fn packed_log_probs_equal_one_forward_per_sequence_on_the_real_model() {
-    let m = Model::load(&real_f32(), &ModelParams::default()).unwrap();
+    let m = Model::load(real_f32(), &ModelParams::default()).unwrap();
     let w = gpo::train::Weights::load(&real_f32(), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
     let sink = gpo::train::GradSink::default();
     let fwd = gpo::train::model::Forward {

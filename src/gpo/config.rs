@@ -315,6 +315,9 @@ pub struct TrainSection {
     pub recompute: Recompute,
     /// Activation memory `recompute = "auto"` allows per micro-batch, MiB (default 2048).
     pub activation_budget_mib: u64,
+    /// Run a micro-batch's sequences through the trainer packed into one forward without padding
+    /// (default true); false runs one forward per sequence.
+    pub pack: bool,
     /// Trainer device: "cpu" (default), "cuda" or "cuda:N" (CUDA builds).
     pub device: String,
 }
@@ -342,6 +345,7 @@ impl Default for TrainSection {
             tis_cap: None,
             recompute: Recompute::Auto,
             activation_budget_mib: crate::train::DEFAULT_ACTIVATION_BUDGET_MIB,
+            pack: true,
             device: "cpu".into(),
         }
     }

@@ -244,6 +244,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
         epochs: t.epochs.max(1),
         recompute: t.recompute,
         activation_budget_mib: t.activation_budget_mib,
+        pack: t.pack,
         device: t.device.clone(),
         ..Default::default()
     };
@@ -323,7 +324,9 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<Vec<MetricsRo
             row.train_skipped =
                 Some("no learning signal (every group's rewards were equal, or no pair was found)".into());
         } else {
-            let r = trainer.step(&batch)?;
+            // `[train] epochs` optimiser steps on the batch; the row reports the last one.
+            let reports = trainer.fit_batch(&batch)?;
+            let r = reports.last().expect("at least one epoch").clone();
             row.loss = r.skipped.is_none().then_some(r.loss);
             row.train_skipped = r.skipped;
             row.kl = r.kl;

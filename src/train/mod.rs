@@ -83,8 +83,9 @@ pub struct TrainerConfig {
     /// [`Recompute::Auto`] keeps activations while a micro-batch's estimate stays within this
     /// many MiB.
     pub activation_budget_mib: u64,
-    /// Optimiser steps per batch (PPO epochs). With 1, π_old is the current policy and comes out
-    /// of the gradient pass itself; with more, it is computed once before the first epoch.
+    /// Optimiser steps per batch (PPO epochs) in [`Trainer::fit_batch`]. With 1, π_old is the
+    /// current policy and comes out of the gradient pass itself; with more, it is computed once
+    /// before the first epoch.
     pub epochs: usize,
     /// Use candle's plain autograd (frozen-weight gradients computed, no activation
     /// recomputation): the in-process baseline of `gpo bench train`, not for real runs.
@@ -358,27 +359,84 @@ impl Trainer {
         to_vec(&self.clocks.0.time(|| self.forward(adapter).logprobs(&seq, prompt.len(), self.cfg.temperature, false))?)
     }
 
-    /// Log-probs with gradients of each `(prompt, completion)`, one tensor per sequence: one
-    /// packed forward for all of them (or one forward each, with `pack = false` or the plain
-    /// baseline).
-    fn lp_grad<'a>(&self, seqs: impl IntoIterator<Item = (&'a [u32], &'a [u32])>) -> Result<Vec<Tensor>> {
+    /// Log-probs of each `(prompt, completion)`, one tensor per sequence: one packed forward for
+    /// all of them (or one forward each, with `pack = false` or the plain baseline). `adapter =
+    /// false` is the reference policy; `grad` records the graph for the backward pass. Callers
+    /// pack the same sequences together for the reference and for the policy, so that a fresh
+    /// adapter (B = 0) gives bit-identical values on both sides.
+    fn lp_many<'a>(
+        &self,
+        seqs: impl IntoIterator<Item = (&'a [u32], &'a [u32])>,
+        adapter: bool,
+        grad: bool,
+    ) -> Result<Vec<Tensor>> {
         let joined: Vec<(Vec<u32>, usize)> =
             seqs.into_iter().map(|(p, c)| (p.iter().chain(c).copied().collect(), p.len())).collect();
         let refs: Vec<(&[u32], usize)> = joined.iter().map(|(s, start)| (s.as_slice(), *start)).collect();
-        let fwd = self.forward(true);
+        let fwd = self.forward(adapter);
         let temperature = self.cfg.temperature;
         self.clocks.0.time(|| {
             if self.cfg.pack && !self.cfg.plain_autograd {
-                fwd.logprobs_packed(&refs, temperature, true)
+                fwd.logprobs_packed(&refs, temperature, grad)
             } else {
-                refs.iter().map(|&(s, start)| fwd.logprobs(s, start, temperature, true)).collect()
+                refs.iter().map(|&(s, start)| fwd.logprobs(s, start, temperature, grad)).collect()
             }
         })
+    }
+
+    /// [`Trainer::lp_many`] with gradients to the adapter.
+    fn lp_grad<'a>(&self, seqs: impl IntoIterator<Item = (&'a [u32], &'a [u32])>) -> Result<Vec<Tensor>> {
+        self.lp_many(seqs, true, true)
+    }
+
+    /// Log-prob values without gradients, packed micro-batch by micro-batch exactly as the
+    /// gradient pass packs `items`; `seqs` maps one item to its sequences.
+    fn lp_values<'a, T>(
+        &self,
+        items: &'a [T],
+        seqs: impl Fn(&'a T) -> Vec<(&'a [u32], &'a [u32])>,
+        adapter: bool,
+    ) -> Result<Vec<Vec<f64>>> {
+        let mut out = Vec::new();
+        for r in self.micro_batches(items.len()) {
+            for lp in self.lp_many(items[r].iter().flat_map(&seqs), adapter, false)? {
+                out.push(to_vec(&lp)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Writes the adapter as a llama.cpp GGUF LoRA file.
     pub fn export_adapter(&self, path: &Path) -> Result<()> {
         self.lora.export(path)
+    }
+
+    /// Trains on `batch` for [`TrainerConfig::epochs`] optimiser steps and returns each step's
+    /// report. With more than one epoch and `pi_old = "trainer"`, π_old of the PPO/GRPO ratio
+    /// is the policy before the first epoch, computed once (packed as the gradient pass packs),
+    /// so later epochs are clipped against where the batch was sampled from; with one epoch
+    /// this is exactly [`Trainer::step`].
+    pub fn fit_batch(&mut self, batch: &Batch) -> Result<Vec<StepReport>> {
+        let epochs = self.cfg.epochs.max(1);
+        if epochs > 1 && self.cfg.pi_old == PiOld::Trainer {
+            if let Batch::Completions(items) = batch {
+                batch.validate(&self.cfg.objective, self.weights.cfg.n_vocab)?;
+                self.frozen_old = Some(self.lp_values(items, |c| vec![(&c.prompt[..], &c.completion[..])], true)?);
+            }
+        }
+        let mut reports = Vec::with_capacity(epochs);
+        let mut result = Ok(());
+        for _ in 0..epochs {
+            match self.step(batch) {
+                Ok(r) => reports.push(r),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.frozen_old = None;
+        result.map(|()| reports)
     }
 
     /// One optimiser step on `batch` (gradient accumulation over micro-batches inside).
@@ -406,6 +464,9 @@ impl Trainer {
             Batch::Labeled(items) => self.kto_loss(items, &mut report)?,
         };
         report.loss = loss;
+        if report.skipped.is_some() {
+            return Ok(report);
+        }
         let vars = self.lora.vars();
         let grads = coverage(&self.lora, &self.sink)?;
         if !loss.is_finite() || grads.iter().any(|g| !all_finite(g)) {
@@ -506,7 +567,7 @@ impl Trainer {
             PiOld::Trainer => self.frozen_old.clone(),
         };
         let reference: Option<Vec<Vec<f64>>> = if self.cfg.kl_coef > 0.0 {
-            Some(items.iter().map(|c| self.logprobs(&c.prompt, &c.completion, false)).collect::<Result<_>>()?)
+            Some(self.lp_values(items, |c| vec![(&c.prompt[..], &c.completion[..])], false)?)
         } else {
             None
         };
@@ -514,7 +575,7 @@ impl Trainer {
         let dt = self.weights.dtype;
         let vec_t = |v: &[f64]| Tensor::from_slice(v, v.len(), &dev).and_then(|t| t.to_dtype(dt)).map_err(cerr);
         let mut loss = 0.0;
-        let (mut clipped, mut kl_sum) = (0usize, 0.0);
+        let (mut clipped, mut active, mut kl_sum) = (0usize, 0usize, 0.0);
         let mut olds: Vec<Vec<f64>> = Vec::with_capacity(items.len());
         for r in self.micro_batches(items.len()) {
             let mut parts = Vec::new();
@@ -537,6 +598,17 @@ impl Trainer {
                     _ => None,
                 };
                 clipped += lp_now.iter().zip(&old_vals).filter(|(l, o)| ((*l - *o).exp() - 1.0).abs() > clip).count();
+                // Tokens whose loss term has a gradient: the ratio is inside the clip range on
+                // the side its advantage pushes towards, or a KL term pulls on it.
+                let adv = advantages[i];
+                active += lp_now
+                    .iter()
+                    .zip(&old_vals)
+                    .filter(|(l, o)| {
+                        let r = (*l - *o).exp();
+                        self.cfg.kl_coef > 0.0 || (adv > 0.0 && r < 1.0 + clip) || (adv < 0.0 && r > 1.0 - clip)
+                    })
+                    .count();
                 let refs = reference.as_ref().map(|r| vec_t(&r[i])).transpose()?;
                 if let Some(rf) = reference.as_ref() {
                     kl_sum += lp_now.iter().zip(&rf[i]).map(|(l, r)| (r - l).exp() - (r - l) - 1.0).sum::<f64>();
@@ -559,6 +631,15 @@ impl Trainer {
         }
         self.gap(items, &olds, report);
         report.clip_fraction = Some(clipped as f64 / total_tokens as f64);
+        if active == 0 {
+            // A legitimately zero gradient (later PPO epochs, all-zero advantages): nothing to
+            // apply, and nothing for the coverage check to judge.
+            report.skipped = Some(
+                "no token carries a gradient (every ratio clipped on its advantage's side, or zero advantages) \
+                 — step not applied"
+                    .into(),
+            );
+        }
         report.kl = reference.map(|_| kl_sum / total_tokens as f64);
         Ok(loss)
     }
@@ -586,16 +667,12 @@ impl Trainer {
         let obj = self.cfg.objective.clone();
         let n = items.len() as f64;
         let refs: Option<Vec<(f64, f64)>> = if obj.needs_reference() {
-            Some(
-                items
-                    .iter()
-                    .map(|p| {
-                        let c: f64 = self.logprobs(&p.prompt, &p.chosen, false)?.iter().sum();
-                        let r: f64 = self.logprobs(&p.prompt, &p.rejected, false)?.iter().sum();
-                        Ok((c, r))
-                    })
-                    .collect::<Result<_>>()?,
-            )
+            let lps = self.lp_values(
+                items,
+                |p| vec![(&p.prompt[..], &p.chosen[..]), (&p.prompt[..], &p.rejected[..])],
+                false,
+            )?;
+            Some(lps.chunks(2).map(|cr| (cr[0].iter().sum(), cr[1].iter().sum())).collect())
         } else {
             None
         };
@@ -641,14 +718,12 @@ impl Trainer {
         let Objective::Kto { beta, desirable_weight, undesirable_weight } = self.cfg.objective else {
             unreachable!("validated")
         };
-        let refs: Vec<f64> = items
-            .iter()
-            .map(|s| Ok(self.logprobs(&s.prompt, &s.completion, false)?.iter().sum()))
-            .collect::<Result<_>>()?;
-        let pol: Vec<f64> = items
-            .iter()
-            .map(|s| Ok(self.logprobs(&s.prompt, &s.completion, true)?.iter().sum()))
-            .collect::<Result<_>>()?;
+        fn one(s: &Labeled) -> Vec<(&[u32], &[u32])> {
+            vec![(&s.prompt[..], &s.completion[..])]
+        }
+        let sums = |v: Vec<Vec<f64>>| v.iter().map(|lp| lp.iter().sum()).collect::<Vec<f64>>();
+        let refs = sums(self.lp_values(items, one, false)?);
+        let pol = sums(self.lp_values(items, one, true)?);
         // The reference point: batch-mean policy/reference log-ratio, clamped at 0 and detached.
         let z_ref = self
             .cfg
