@@ -411,10 +411,10 @@ fn configs_are_checked() {
 
 #[test]
 fn shipped_configs_load() {
-    // Every run configuration in configs/ (the experiment's arms, the quick run) parses and
-    // validates, with its relative output resolved next to the file.
+    // Every run configuration in configs/ (the experiment's arms, the quick run, TRL's workload)
+    // parses and validates, with its relative output resolved next to the file.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-    let mut files = vec![root.join("quick.toml")];
+    let mut files = vec![root.join("quick.toml"), root.join("trl-workload/grpo.toml")];
     for setting in std::fs::read_dir(root.join("experiment")).unwrap() {
         for e in std::fs::read_dir(setting.unwrap().path()).unwrap() {
             files.push(e.unwrap().path());
