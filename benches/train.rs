@@ -10,10 +10,11 @@ fn step(c: &mut Criterion) {
     let model = gpo::models::default_model().expect("default model missing: run scripts/fetch-model.sh");
     let mut g = c.benchmark_group("train_step_2x128");
     g.sample_size(10).measurement_time(Duration::from_secs(60));
-    for (name, recompute, plain) in [
-        ("gpo_recompute", Recompute::Always, false),
-        ("gpo_keep_activations", Recompute::Never, false),
-        ("candle_plain_autograd", Recompute::Never, true),
+    for (name, recompute, plain, pack) in [
+        ("gpo_recompute", Recompute::Always, false, true),
+        ("gpo_keep_activations", Recompute::Never, false, true),
+        ("gpo_keep_activations_unpacked", Recompute::Never, false, false),
+        ("candle_plain_autograd", Recompute::Never, true, false),
     ] {
         let mut t = Trainer::new(TrainerConfig {
             model: model.clone(),
@@ -21,6 +22,7 @@ fn step(c: &mut Criterion) {
             lora: LoraConfig { rank: 16, alpha: 32.0, targets: Target::ALL.to_vec(), seed: 1 },
             recompute,
             plain_autograd: plain,
+            pack,
             micro_batch: 2,
             ..Default::default()
         })
