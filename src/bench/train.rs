@@ -342,7 +342,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         rows.push((format!("PyTorch + PEFT ({})", p.note), p.clone()));
     }
     let variants: &[Variant] = if args.no_baseline {
-        &[Variant::Keep, Variant::Recompute]
+        &[Variant::Unpacked, Variant::Keep, Variant::Recompute]
     } else {
         &[Variant::Plain, Variant::Unpacked, Variant::Keep, Variant::Recompute]
     };

@@ -8,8 +8,8 @@
 use super::arch::{ArchConfig, Family};
 use super::lora::{cerr, Lora, Target};
 use super::ops::{
-    attention, checkpoint, frozen_linear, gelu_ggml_cpu, gelu_tanh, log_softmax_last, rms_norm, rms_norm_fused, rope,
-    rope_fused, rope_tables, softmax_last, GradSink,
+    attention_packed, checkpoint, frozen_linear, gelu_ggml_cpu, gelu_tanh, log_softmax_last, rms_norm, rms_norm_fused,
+    rope, rope_fused, rope_tables, softmax_last, GradSink,
 };
 use super::weights::{BlockWeights, Weights};
 use crate::{Error, Result};
@@ -28,8 +28,6 @@ struct BlockLora {
 /// Per-sequence tables shared by all blocks.
 #[derive(Clone)]
 struct Tables {
-    /// The sequence's positions (rows of its segment in a packed batch).
-    t: usize,
     cos: Tensor,
     sin: Tensor,
     cos_swa: Tensor,
@@ -61,7 +59,38 @@ fn tables(cfg: &ArchConfig, t: usize, dtype: DType, dev: &candle_core::Device) -
     };
     let m = mask(t, 0, dtype, dev)?;
     let mask_swa = if cfg.sliding_window > 0 { mask(t, cfg.sliding_window, dtype, dev)? } else { m.clone() };
-    Ok(Tables { t, cos, sin, cos_swa, sin_swa, mask: m, mask_swa })
+    Ok(Tables { cos, sin, cos_swa, sin_swa, mask: m, mask_swa })
+}
+
+/// The tables of sequences packed one after the other: RoPE rows concatenated along positions
+/// (each sequence's positions restart at 0), one mask per sequence.
+#[derive(Clone)]
+struct Pack {
+    cos: Tensor,
+    sin: Tensor,
+    cos_swa: Tensor,
+    sin_swa: Tensor,
+    masks: Vec<Tensor>,
+    masks_swa: Vec<Tensor>,
+}
+
+impl Pack {
+    fn new(segs: &[Tables]) -> CResult<Pack> {
+        let cat = |f: fn(&Tables) -> &Tensor| -> CResult<Tensor> {
+            match segs {
+                [one] => Ok(f(one).clone()),
+                _ => Tensor::cat(&segs.iter().map(f).collect::<Vec<_>>(), 0),
+            }
+        };
+        Ok(Pack {
+            cos: cat(|t| &t.cos)?,
+            sin: cat(|t| &t.sin)?,
+            cos_swa: cat(|t| &t.cos_swa)?,
+            sin_swa: cat(|t| &t.sin_swa)?,
+            masks: segs.iter().map(|t| t.mask.clone()).collect(),
+            masks_swa: segs.iter().map(|t| t.mask_swa.clone()).collect(),
+        })
+    }
 }
 
 fn linear(
@@ -84,9 +113,9 @@ fn linear(
 }
 
 /// One transformer block on `x` (T × d): the rows of one or more sequences packed one after
-/// the other, `segs` giving each sequence's tables in order. Projections, norms and the MLP run
-/// once on all T rows; RoPE and attention run per sequence (positions restart, no attention
-/// across sequences).
+/// the other, as `pk` describes. Projections, norms, RoPE and the MLP run once on all T rows
+/// (RoPE with each row's own position); attention is one node in which each sequence attends
+/// only to itself.
 fn block(
     x: &Tensor,
     w: &BlockWeights,
@@ -94,57 +123,64 @@ fn block(
     scale: f64,
     cfg: &ArchConfig,
     il: usize,
-    segs: &[Tables],
+    pk: &Pack,
 ) -> CResult<Tensor> {
+    let t = x.dim(0)?;
     let (nh, nkv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
     let swa = cfg.is_swa(il);
+    let (cos, sin, masks) = if swa { (&pk.cos_swa, &pk.sin_swa, &pk.masks_swa) } else { (&pk.cos, &pk.sin, &pk.masks) };
 
     // gpo's path: norms, RoPE and attention as single nodes with analytic backwards; the plain
     // baseline keeps candle's primitive graph.
     let norm = |x: &Tensor, w: &Tensor| norm(x, w, cfg.rms_eps, lora.plain);
+    let rot = |x: &Tensor| {
+        if lora.plain {
+            rope(x, cos, sin, cfg.rope_neox)
+        } else {
+            rope_fused(x, cos, sin, cfg.rope_neox)
+        }
+    };
     let h = norm(x, &w.attn_norm)?;
-    let q_all = linear(&h, &w.wq, w.bq.as_ref(), lora, Target::Q, scale)?;
-    let k_all = linear(&h, &w.wk, w.bk.as_ref(), lora, Target::K, scale)?;
-    let v_all = linear(&h, &w.wv, w.bv.as_ref(), lora, Target::V, scale)?;
-    let mut outs = Vec::with_capacity(segs.len());
-    let mut row = 0;
-    for tb in segs {
-        let t = tb.t;
-        let (cos, sin, msk) = if swa { (&tb.cos_swa, &tb.sin_swa, &tb.mask_swa) } else { (&tb.cos, &tb.sin, &tb.mask) };
-        let rot = |x: &Tensor| {
-            if lora.plain {
-                rope(x, cos, sin, cfg.rope_neox)
-            } else {
-                rope_fused(x, cos, sin, cfg.rope_neox)
-            }
-        };
-        let q = q_all.narrow(0, row, t)?.reshape((t, nh, hd))?;
-        let k = k_all.narrow(0, row, t)?.reshape((t, nkv, hd))?;
-        let v = v_all.narrow(0, row, t)?.reshape((t, nkv, hd))?;
-        row += t;
-        let (q, k) = match (&w.q_norm, &w.k_norm) {
-            (Some(qn), Some(kn)) => (norm(&q, qn)?, norm(&k, kn)?),
-            _ => (q, k),
-        };
-        let q = rot(&q.transpose(0, 1)?.contiguous()?)?;
-        let k = rot(&k.transpose(0, 1)?.contiguous()?)?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-        let (k, v) = if nkv != nh {
-            let rep = nh / nkv;
-            let expand = |z: Tensor| z.unsqueeze(1)?.expand((nkv, rep, t, hd))?.reshape((nh, t, hd));
-            (expand(k)?, expand(v)?)
+    let q = linear(&h, &w.wq, w.bq.as_ref(), lora, Target::Q, scale)?.reshape((t, nh, hd))?;
+    let k = linear(&h, &w.wk, w.bk.as_ref(), lora, Target::K, scale)?.reshape((t, nkv, hd))?;
+    let v = linear(&h, &w.wv, w.bv.as_ref(), lora, Target::V, scale)?.reshape((t, nkv, hd))?;
+    let (q, k) = match (&w.q_norm, &w.k_norm) {
+        (Some(qn), Some(kn)) => (norm(&q, qn)?, norm(&k, kn)?),
+        _ => (q, k),
+    };
+    let q = rot(&q.transpose(0, 1)?.contiguous()?)?;
+    let k = rot(&k.transpose(0, 1)?.contiguous()?)?;
+    let v = v.transpose(0, 1)?.contiguous()?;
+    let (k, v) = if nkv != nh {
+        let rep = nh / nkv;
+        let expand = |z: Tensor| z.unsqueeze(1)?.expand((nkv, rep, t, hd))?.reshape((nh, t, hd));
+        (expand(k)?, expand(v)?)
+    } else {
+        (k, v)
+    };
+    let attn_scale = 1.0 / (hd as f64).sqrt();
+    let o = if lora.plain {
+        let mut outs = Vec::with_capacity(masks.len());
+        let mut s0 = 0;
+        for m in masks {
+            let n = m.dim(0)?;
+            let (q, k, v) = (
+                q.narrow(1, s0, n)?.contiguous()?,
+                k.narrow(1, s0, n)?.contiguous()?,
+                v.narrow(1, s0, n)?.contiguous()?,
+            );
+            outs.push(softmax_last(&(q.matmul(&k.t()?)? * attn_scale)?.broadcast_add(m)?)?.matmul(&v)?);
+            s0 += n;
+        }
+        if outs.len() == 1 {
+            outs.pop().expect("one sequence")
         } else {
-            (k, v)
-        };
-        let attn_scale = 1.0 / (hd as f64).sqrt();
-        let o = if lora.plain {
-            softmax_last(&(q.matmul(&k.t()?)? * attn_scale)?.broadcast_add(msk)?)?.matmul(&v)?
-        } else {
-            attention(&q.contiguous()?, &k.contiguous()?, &v, msk, attn_scale)?
-        };
-        outs.push(o.transpose(0, 1)?.reshape((t, nh * hd))?);
-    }
-    let o = if outs.len() == 1 { outs.pop().expect("one segment") } else { Tensor::cat(&outs, 0)? };
+            Tensor::cat(&outs, 1)?
+        }
+    } else {
+        attention_packed(&q.contiguous()?, &k.contiguous()?, &v, masks, attn_scale)?
+    };
+    let o = o.transpose(0, 1)?.reshape((t, nh * hd))?;
     let mut attn = linear(&o, &w.wo, None, lora, Target::O, scale)?;
     if let Some(n) = &w.attn_post_norm {
         attn = norm(&attn, n)?;
@@ -258,12 +294,12 @@ impl Forward<'_> {
         if cfg.family == Family::Gemma3 {
             x = (x * (cfg.n_embd as f32).sqrt() as f64).map_err(cerr)?;
         }
-        let segs: Arc<Vec<Tables>> = Arc::new(
-            seqs.iter()
-                .map(|(tokens, _)| tables(cfg, tokens.len() - 1, w.dtype, dev))
-                .collect::<CResult<_>>()
-                .map_err(cerr)?,
-        );
+        let segs: Vec<Tables> = seqs
+            .iter()
+            .map(|(tokens, _)| tables(cfg, tokens.len() - 1, w.dtype, dev))
+            .collect::<CResult<_>>()
+            .map_err(cerr)?;
+        let pk = Arc::new(Pack::new(&segs).map_err(cerr)?);
         let scale = self.lora.map_or(1.0, Lora::scale);
         if grad {
             // A variable at the root makes candle walk into the checkpointed blocks.
@@ -292,12 +328,12 @@ impl Forward<'_> {
                 .unwrap_or_default();
             let lora = BlockLora { pairs, plain: self.plain };
             if grad && !self.plain && self.recompute {
-                let (bw, cfg, segs) = (bw.clone(), Arc::new(cfg.clone()), segs.clone());
+                let (bw, cfg, pk) = (bw.clone(), Arc::new(cfg.clone()), pk.clone());
                 let params = self.lora.map(|l| l.block_vars(il)).unwrap_or_default();
-                x = checkpoint(&x, params, self.sink, move |x| block(x, &bw, &lora, scale, &cfg, il, &segs))
+                x = checkpoint(&x, params, self.sink, move |x| block(x, &bw, &lora, scale, &cfg, il, &pk))
                     .map_err(cerr)?;
             } else {
-                x = block(&x, bw, &lora, scale, cfg, il, &segs).map_err(cerr)?;
+                x = block(&x, bw, &lora, scale, cfg, il, &pk).map_err(cerr)?;
             }
         }
         let h = norm(&x, &w.output_norm, cfg.rms_eps, self.plain).map_err(cerr)?;

@@ -293,8 +293,26 @@ pub fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> CResult
 /// the plain ops, and the backward is analytic: dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(P ⊙ dO·Vᵀ)),
 /// dQ = dS·K·scale, dK = dSᵀ·Q·scale. The forward runs the plain ops (bit-identical values).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> CResult<Tensor> {
-    let op =
-        Attention { q: q.detach(), k: k.detach(), v: v.detach(), mask: mask.detach(), scale, probs: Mutex::new(None) };
+    attention_packed(q, k, v, std::slice::from_ref(mask), scale)
+}
+
+/// [`attention`] over sequences packed along the position axis: q, k, v of shape
+/// (heads, T, head_dim) hold the sequences one after the other, `masks[i]` is sequence i's
+/// (tᵢ, tᵢ) mask and T = Σ tᵢ. Each sequence attends only to itself. One node for the whole
+/// pack: no per-sequence slicing nodes whose backward would write full-size zero gradients.
+pub fn attention_packed(q: &Tensor, k: &Tensor, v: &Tensor, masks: &[Tensor], scale: f64) -> CResult<Tensor> {
+    let total: usize = masks.iter().map(|m| m.dim(0)).sum::<CResult<usize>>()?;
+    if total != q.dim(1)? {
+        candle_core::bail!("attention: masks cover {total} positions, q has {}", q.dim(1)?);
+    }
+    let op = Attention {
+        q: q.detach(),
+        k: k.detach(),
+        v: v.detach(),
+        masks: masks.iter().map(Tensor::detach).collect(),
+        scale,
+        probs: Mutex::new(None),
+    };
     q.apply_op3(k, v, op)
 }
 
@@ -302,18 +320,43 @@ struct Attention {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Tensor,
+    masks: Vec<Tensor>,
     scale: f64,
-    probs: Mutex<Option<Tensor>>,
+    probs: Mutex<Option<Vec<Tensor>>>,
 }
 
 impl Attention {
+    /// (start, length) of each sequence along the position axis.
+    fn segments(&self) -> impl Iterator<Item = (usize, usize, &Tensor)> {
+        self.masks.iter().scan(0, |start, m| {
+            let t = m.dims()[0];
+            *start += t;
+            Some((*start - t, t, m))
+        })
+    }
+
     fn forward(&self) -> CResult<Tensor> {
-        let scores = (self.q.matmul(&self.k.t()?)? * self.scale)?.broadcast_add(&self.mask)?;
-        let p = softmax_last(&scores)?;
-        let out = p.matmul(&self.v)?;
-        *self.probs.lock().expect("attention probabilities poisoned") = Some(p);
-        Ok(out)
+        let seg = |x: &Tensor, s: usize, t: usize| x.narrow(1, s, t)?.contiguous();
+        let mut outs = Vec::with_capacity(self.masks.len());
+        let mut probs = Vec::with_capacity(self.masks.len());
+        for (s, t, mask) in self.segments() {
+            let (q, k, v) = (seg(&self.q, s, t)?, seg(&self.k, s, t)?, seg(&self.v, s, t)?);
+            let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask)?;
+            let p = softmax_last(&scores)?;
+            outs.push(p.matmul(&v)?);
+            probs.push(p);
+        }
+        *self.probs.lock().expect("attention probabilities poisoned") = Some(probs);
+        cat_positions(outs)
+    }
+}
+
+/// Concatenates per-sequence (heads, t, d) tensors along the position axis.
+fn cat_positions(mut parts: Vec<Tensor>) -> CResult<Tensor> {
+    if parts.len() == 1 {
+        Ok(parts.pop().expect("one part"))
+    } else {
+        Tensor::cat(&parts, 1)
     }
 }
 
@@ -355,17 +398,22 @@ impl candle_core::CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let p = match self.probs.lock().expect("attention probabilities poisoned").clone() {
+        let probs = match self.probs.lock().expect("attention probabilities poisoned").clone() {
             Some(p) => p,
             None => candle_core::bail!("attention: backward before forward"),
         };
-        let g = grad.detach();
-        let dv = p.t()?.matmul(&g)?;
-        let dp = g.matmul(&self.v.t()?)?;
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        let dq = (ds.matmul(&self.k)? * self.scale)?;
-        let dk = (ds.t()?.matmul(&self.q)? * self.scale)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        let seg = |x: &Tensor, s: usize, t: usize| x.narrow(1, s, t)?.contiguous();
+        let g_all = grad.detach();
+        let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+        for ((s, t, _), p) in self.segments().zip(&probs) {
+            let (q, k, v, g) = (seg(&self.q, s, t)?, seg(&self.k, s, t)?, seg(&self.v, s, t)?, seg(&g_all, s, t)?);
+            dvs.push(p.t()?.matmul(&g)?);
+            let dp = g.matmul(&v.t()?)?;
+            let ds = (p * dp.broadcast_sub(&(&dp * p)?.sum_keepdim(D::Minus1)?)?)?;
+            dqs.push((ds.matmul(&k)? * self.scale)?);
+            dks.push((ds.t()?.matmul(&q)? * self.scale)?);
+        }
+        Ok((Some(cat_positions(dqs)?), Some(cat_positions(dks)?), Some(cat_positions(dvs)?)))
     }
 }
 
