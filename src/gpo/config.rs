@@ -181,9 +181,10 @@ pub struct ValueSection {
     /// Adaptive: also settled when the ~95% Hoeffding half-width is below this (0 = only
     /// unanimous samples settle). Default 0.
     pub adaptive_tol: f64,
-    /// The most of an iteration's token budget that probes and resets may spend, in (0, 1].
-    /// Once it is spent, the iteration's remaining waves sample roots only, so analyses never
-    /// crowd out prompts. Default 1 (no cap beyond the budget itself).
+    /// The most of an iteration's token budget (`rollout.budget_tokens`) that probes and resets
+    /// may spend, in (0, 1]. Once it is spent, the iteration's remaining waves sample roots
+    /// only, so analyses never crowd out prompts. Default 0.35 (the probe limit; chosen
+    /// by the README experiment over 1 = no cap); no effect without a token budget.
     pub share: f64,
 }
 
@@ -199,7 +200,7 @@ impl Default for ValueSection {
             adaptive: false,
             adaptive_min: 2,
             adaptive_tol: 0.0,
-            share: 1.0,
+            share: 0.35,
         }
     }
 }
