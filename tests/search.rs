@@ -291,7 +291,9 @@ fn no_mode_overspends_its_budget_by_more_than_one_probe_or_wave() {
         }
     }
     // A budget smaller than one analysis cuts it: what was drawn still counts (and trains).
-    let c = cfg("gpo");
+    // (Uncapped: under the default 35% share such a budget admits no probe at all.)
+    let mut c = cfg("gpo");
+    c.value.share = 1.0;
     let policy = Cliff::new(0.5);
     let collector = Collector { engine: &policy, verifier: &verifier, cfg: &c, iteration: 0, budget: Some(100) };
     let out = collector.iteration(&mut || vec![task()], &mut || false).unwrap();
