@@ -260,9 +260,9 @@ impl Forward<'_> {
 
     /// [`Forward::logprobs`] for several sequences at once, each `(tokens, start)`, one tensor
     /// per sequence in order. The sequences are packed into one matrix of rows without padding:
-    /// every projection, norm and MLP runs once for all of them (larger matmuls, fewer graph
-    /// nodes), while RoPE and attention run per sequence, so each result equals its own
-    /// [`Forward::logprobs`] up to the summation order of the matmuls.
+    /// every projection, norm, RoPE and MLP runs once for all of them (larger matmuls, fewer
+    /// graph nodes), positions restart at each sequence and attention stays within it, so each
+    /// result equals its own [`Forward::logprobs`] up to the summation order of the matmuls.
     pub fn logprobs_packed(&self, seqs: &[(&[u32], usize)], temperature: f64, grad: bool) -> Result<Vec<Tensor>> {
         let w = self.weights;
         let cfg = &w.cfg;
