@@ -28,6 +28,6 @@ done
 target/cuda-dist/gpo bench rollout --model /tmp/models/q7b.gguf -b 64 -p 256 -g 256 -k 16 \
   --gpu-layers 99 --kv per-sequence --kv unified --rounds 3 2>&1 | tee "$OUT/rollout-7b.txt"
 for shape in q1.5b q7b; do
-  target/cuda-dist/gpo bench train --device cuda --model "/tmp/models/$shape.gguf" -b 8 -t 1024 -r 16 --steps 3 2>&1 | tee "$OUT/train-$shape.txt"
+  target/cuda-dist/gpo bench train --device cuda --model "/tmp/models/$shape.gguf" -b 8 -t 1024 -r 16 --steps 3 --no-baseline 2>&1 | tee "$OUT/train-$shape.txt"
   python3 shared/anchors/hfbench.py train "/tmp/models/$shape.gguf" 2>&1 | tee "$OUT/peft-$shape.txt" || true
 done
