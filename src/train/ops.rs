@@ -326,7 +326,7 @@ struct Attention {
 }
 
 impl Attention {
-    /// (start, length) of each sequence along the position axis.
+    /// (start, length, mask) of each sequence along the position axis.
     fn segments(&self) -> impl Iterator<Item = (usize, usize, &Tensor)> {
         self.masks.iter().scan(0, |start, m| {
             let t = m.dims()[0];
