@@ -355,8 +355,8 @@ impl Trainer {
     /// Per-token log-probs of `completion` after `prompt` (no gradient). `adapter = false` gives the
     /// base model (the reference policy).
     pub fn logprobs(&self, prompt: &[u32], completion: &[u32], adapter: bool) -> Result<Vec<f64>> {
-        let seq: Vec<u32> = prompt.iter().chain(completion).copied().collect();
-        to_vec(&self.clocks.0.time(|| self.forward(adapter).logprobs(&seq, prompt.len(), self.cfg.temperature, false))?)
+        let lp = self.lp_many([(prompt, completion)], adapter, false)?;
+        to_vec(&lp[0])
     }
 
     /// Log-probs of each `(prompt, completion)`, one tensor per sequence: one packed forward for
