@@ -314,7 +314,7 @@ pub struct TrainSection {
     /// Recompute activations block by block in the backward pass: true, false, or "auto"
     /// (default: only when a micro-batch's activations would exceed `activation_budget_mib`).
     pub recompute: Recompute,
-    /// Activation memory `recompute = "auto"` allows per micro-batch, MiB (default 2048).
+    /// Activation memory `recompute = "auto"` allows per micro-batch, MiB (default 1536).
     pub activation_budget_mib: u64,
     /// Run a micro-batch's sequences through the trainer packed into one forward without padding
     /// (default true); false runs one forward per sequence.

@@ -96,6 +96,159 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
     x.contiguous()?.apply_op1(FrozenLinear::new(w.clone()))
 }
 
+/// `y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ` — a frozen projection with its LoRA update — as one
+/// node over the inputs (x, A, B). The plain graph has seven nodes per projection (the frozen
+/// matmul, two transposes, two matmuls, the scale and the sum), and candle's backward allocates,
+/// zero-fills and accumulates a gradient for each; this node's backward computes only
+/// `dX = dY·W + scale·(dY·B)·A`, `dA = scale·(dY·B)ᵀ·X` and `dB = scale·dYᵀ·(X·Aᵀ)`. The
+/// forward runs the plain ops in the plain order (bit-identical values). `x` is (rows, in),
+/// `w` (out, in), `a` (r, in), `b` (out, r).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> CResult<Tensor> {
+    let x = x.contiguous()?;
+    let (rows, n_in) = x.dims2()?;
+    let (n_out, k) = w.dims2()?;
+    let (r, a_in) = a.dims2()?;
+    let (b_out, b_r) = b.dims2()?;
+    if k != n_in || a_in != n_in || b_out != n_out || b_r != r {
+        candle_core::bail!("lora-linear: x {rows}×{n_in}, W {n_out}×{k}, A {r}×{a_in}, B {b_out}×{b_r} do not chain");
+    }
+    let op = LoraLinear { x: x.detach(), w: w.clone(), bias: bias.cloned(), a: a.detach(), b: b.detach(), scale };
+    x.apply_op3(a, b, op)
+}
+
+struct LoraLinear {
+    x: Tensor,
+    w: Tensor,
+    bias: Option<Tensor>,
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
+impl LoraLinear {
+    fn forward(&self) -> CResult<Tensor> {
+        let mut y = frozen_linear(&self.x, &self.w)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let delta = self.x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        y + (delta * self.scale)?
+    }
+}
+
+impl LoraLinear {
+    /// The CPU forward without intermediate tensors: the three matmuls the plain graph runs
+    /// (same gemm calls, so the same values), then bias and `scale·(x·Aᵀ)·Bᵀ` added into x·Wᵀ
+    /// in place, in the plain graph's order — no zero-filled temporaries and no copy of the result.
+    fn cpu_forward<T: candle_core::WithDType>(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let ((m, k), (r, _), (n, _)) = (xl.shape().dims2()?, al.shape().dims2()?, bl.shape().dims2()?);
+        if !(xl.is_contiguous() && al.is_contiguous() && bl.is_contiguous()) {
+            candle_core::bail!("lora-linear needs contiguous inputs");
+        }
+        // A contiguous (rows × cols) matrix, and the transposed view of one, as matmul operands.
+        let plain =
+            |rows: usize, cols: usize, l: &Layout| Layout::contiguous_with_offset((rows, cols), l.start_offset());
+        let tr = |rows: usize, cols: usize, l: &Layout| {
+            Layout::new(Shape::from((cols, rows)), vec![1, cols], l.start_offset())
+        };
+        let y = {
+            let (ws, wl) = self.w.storage_and_layout();
+            let Storage::Cpu(ws) = &*ws else { candle_core::bail!("lora-linear: weight not on the CPU") };
+            xs.matmul(ws, (1, m, n, k), &plain(m, k, xl), &tr(n, k, wl))?
+        };
+        let u = xs.matmul(a, (1, m, r, k), &plain(m, k, xl), &tr(r, k, al))?;
+        let d = u.matmul(b, (1, m, n, r), &Layout::contiguous((m, r)), &tr(n, r, bl))?;
+        let mut y = T::cpu_storage_data(y)?;
+        let d = T::cpu_storage_as_slice(&d)?;
+        let (mul, zero) = (T::from_f64(self.scale), T::from_f64(0.0));
+        let guard = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &guard {
+            Some((s, l)) => match &**s {
+                Storage::Cpu(c) if l.is_contiguous() => Some(&T::cpu_storage_as_slice(c)?[l.start_offset()..][..n]),
+                _ => candle_core::bail!("lora-linear: bias not a contiguous CPU vector"),
+            },
+            None => None,
+        };
+        for (yr, dr) in y.chunks_exact_mut(n).zip(d.chunks_exact(n)) {
+            match bias {
+                Some(bias) => {
+                    yr.iter_mut().zip(dr).zip(bias).for_each(|((y, &d), &c)| *y = (*y + c) + (d * mul + zero))
+                }
+                None => yr.iter_mut().zip(dr).for_each(|(y, &d)| *y = *y + (d * mul + zero)),
+            }
+        }
+        Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
+    }
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        match xs {
+            CpuStorage::F32(_) => self.cpu_forward::<f32>(xs, xl, a, al, b, bl),
+            CpuStorage::F64(_) => self.cpu_forward::<f64>(xs, xl, a, al, b, bl),
+            _ => cpu_of(output_storage(|| self.forward()), "lora-linear"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda_of(output_storage(|| self.forward()), "lora-linear")
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _a: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.detach();
+        // X·Aᵀ is rows × r: recomputing it is cheaper than keeping it.
+        let u = self.x.matmul(&self.a.t()?)?;
+        let gu = (g.matmul(&self.b)? * self.scale)?;
+        let db = (g.t()?.matmul(&u)? * self.scale)?;
+        let da = gu.t()?.matmul(&self.x)?;
+        let dx = (g.matmul(&self.w)? + gu.matmul(&self.a)?)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
 /// Gradients of parameters found while recomputing checkpointed blocks, summed per parameter.
 #[derive(Clone, Default)]
 pub struct GradSink {
@@ -279,6 +432,61 @@ pub fn rms_norm_fused(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
             gw.broadcast_mul(&r)? - x.broadcast_mul(&(m * r3)?)?
         }),
     )
+}
+
+/// `silu(g)·u`, the SwiGLU gate of llama and qwen2's MLP, as one node over (g, u): the plain
+/// graph keeps silu(g) and accumulates a gradient for both nodes. Backward:
+/// `dg = dy·u·σ(g)·(1 + g·(1 − σ(g)))`, `du = dy·silu(g)`. Bit-identical forward.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
+    g.apply_op2(u, SwiGlu { g: g.detach(), u: u.detach() })
+}
+
+struct SwiGlu {
+    g: Tensor,
+    u: Tensor,
+}
+
+impl SwiGlu {
+    fn forward(&self) -> CResult<Tensor> {
+        self.g.silu()? * &self.u
+    }
+}
+
+impl candle_core::CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        cpu_of(output_storage(|| self.forward()), "swiglu")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda_of(output_storage(|| self.forward()), "swiglu")
+    }
+
+    fn bwd(&self, _g: &Tensor, _u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.detach();
+        let s = sigmoid(&self.g)?;
+        let silu = (&self.g * &s)?;
+        // σ(g)·(1 + g·(1 − σ(g))) = σ(g) + silu(g)·(1 − σ(g))
+        let dsilu = (&s + (&silu * s.affine(-1.0, 1.0)?)?)?;
+        let dg = ((&dy * &self.u)? * dsilu)?;
+        let du = (dy * silu)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// σ(x) = 1 / (1 + e^(−x)) from tensor ops.
+fn sigmoid(x: &Tensor) -> CResult<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
 }
 
 /// [`rope`] as one node: the backward is the inverse rotation (the same rope with `−sin`).
@@ -642,6 +850,31 @@ mod tests {
         same_as_plain(&[randn(&[2, 6, 4], 4), randn(&[2, 6, 4], 5), randn(&[2, 6, 4], 6)], plain, |x| {
             attention(&x[0], &x[1], &x[2], &mask, 0.35).unwrap()
         });
+    }
+
+    #[test]
+    fn lora_linear_and_swiglu_equal_the_plain_ops() {
+        let (w, bias) = (randn(&[6, 8], 7), randn(&[6], 8));
+        let plain = |x: &[Tensor], bias: Option<&Tensor>| {
+            let mut y = frozen_linear(&x[0], &w).unwrap();
+            if let Some(bias) = bias {
+                y = y.broadcast_add(bias).unwrap();
+            }
+            let delta = x[0].matmul(&x[1].t().unwrap()).unwrap().matmul(&x[2].t().unwrap()).unwrap();
+            (y + (delta * 0.75).unwrap()).unwrap()
+        };
+        // B non-zero, so every input's gradient has a LoRA part; with and without bias.
+        let inputs = [randn(&[5, 8], 9), randn(&[3, 8], 10), randn(&[6, 3], 11)];
+        for bias in [None, Some(&bias)] {
+            same_as_plain(&inputs, |x| plain(x, bias), |x| lora_linear(&x[0], &w, bias, &x[1], &x[2], 0.75).unwrap());
+        }
+        let bad = lora_linear(&inputs[0], &w, None, &inputs[2], &inputs[1], 0.75).unwrap_err().to_string();
+        assert!(bad.contains("do not chain"), "{bad}");
+        same_as_plain(
+            &[(randn(&[4, 7], 12) * 4.0).unwrap(), randn(&[4, 7], 13)],
+            |x| (x[0].silu().unwrap() * &x[1]).unwrap(),
+            |x| swiglu(&x[0], &x[1]).unwrap(),
+        );
     }
 
     #[test]
