@@ -155,7 +155,9 @@ fn block(
     let q = rot(&q.transpose(0, 1)?.contiguous()?)?;
     let k = rot(&k.transpose(0, 1)?.contiguous()?)?;
     let v = v.transpose(0, 1)?.contiguous()?;
-    let (k, v) = if nkv != nh {
+    // The fused attention node reads each KV head for its group of query heads itself; the
+    // plain baseline copies K and V per query head.
+    let (k, v) = if nkv != nh && lora.plain {
         let rep = nh / nkv;
         let expand = |z: Tensor| z.unsqueeze(1)?.expand((nkv, rep, t, hd))?.reshape((nh, t, hd));
         (expand(k)?, expand(v)?)

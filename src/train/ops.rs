@@ -244,8 +244,43 @@ impl candle_core::CustomOp3 for LoraLinear {
         let gu = (g.matmul(&self.b)? * self.scale)?;
         let db = (g.t()?.matmul(&u)? * self.scale)?;
         let da = gu.t()?.matmul(&self.x)?;
-        let dx = (g.matmul(&self.w)? + gu.matmul(&self.a)?)?;
+        let dx = match sum_of_products(&g, &self.w, &gu, &self.a)? {
+            Some(dx) => dx,
+            None => (g.matmul(&self.w)? + gu.matmul(&self.a)?)?,
+        };
         Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `p·q + r·s` for 2-D CPU tensors (f32 or f64, contiguous), the second product added into the
+/// first in place (one [rows × cols] buffer instead of three); None where that does not apply.
+fn sum_of_products(p: &Tensor, q: &Tensor, r: &Tensor, s: &Tensor) -> CResult<Option<Tensor>> {
+    fn mm(a: &Tensor, b: &Tensor) -> CResult<Option<CpuStorage>> {
+        let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
+        let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+        match (&*sa, &*sb) {
+            (Storage::Cpu(x), Storage::Cpu(y)) if k == k2 && la.is_contiguous() && lb.is_contiguous() => {
+                Ok(Some(x.matmul(y, (1, m, n, k), la, lb)?))
+            }
+            _ => Ok(None),
+        }
+    }
+    fn add<T: candle_core::WithDType>(
+        a: CpuStorage,
+        b: &CpuStorage,
+        shape: (usize, usize),
+        dev: &candle_core::Device,
+    ) -> CResult<Tensor> {
+        let mut a = T::cpu_storage_data(a)?;
+        a.iter_mut().zip(T::cpu_storage_as_slice(b)?).for_each(|(x, &y)| *x = *x + y);
+        Tensor::from_vec(a, shape, dev)
+    }
+    let shape = (p.dim(0)?, q.dim(1)?);
+    let (Some(a), Some(b)) = (mm(p, q)?, mm(r, s)?) else { return Ok(None) };
+    match (&a, &b) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => add::<f32>(a, &b, shape, p.device()).map(Some),
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => add::<f64>(a, &b, shape, p.device()).map(Some),
+        _ => Ok(None),
     }
 }
 
@@ -436,9 +471,15 @@ pub fn rms_norm_fused(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
 
 /// `silu(g)·u`, the SwiGLU gate of llama and qwen2's MLP, as one node over (g, u): the plain
 /// graph keeps silu(g) and accumulates a gradient for both nodes. Backward:
-/// `dg = dy·u·σ(g)·(1 + g·(1 − σ(g)))`, `du = dy·silu(g)`. Bit-identical forward.
+/// `dg = dy·u·σ(g)·(1 + g·(1 − σ(g)))`, `du = dy·silu(g)`. On the CPU (f32/f64, contiguous)
+/// forward and backward are one pass each over the elements, split across the cores, with
+/// candle's own formula for silu (bit-identical forward); elsewhere they run tensor ops.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
-    g.apply_op2(u, SwiGlu { g: g.detach(), u: u.detach() })
+    if g.shape() != u.shape() {
+        candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", g.dims(), u.dims());
+    }
+    let (g, u) = (g.contiguous()?, u.contiguous()?);
+    g.apply_op2(&u, SwiGlu { g: g.detach(), u: u.detach() })
 }
 
 struct SwiGlu {
@@ -446,9 +487,90 @@ struct SwiGlu {
     u: Tensor,
 }
 
+/// The element types the one-pass CPU kernels handle.
+trait Real: candle_core::WithDType + Send + Sync {
+    fn exp(self) -> Self;
+}
+
+impl Real for f32 {
+    fn exp(self) -> f32 {
+        f32::exp(self)
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+}
+
+/// candle's silu, `v / (1 + e^(−v))`, and σ(v).
+fn silu_sigmoid<T: Real>(v: T) -> (T, T) {
+    let one = T::from_f64(1.0);
+    let e = one + (T::from_f64(0.0) - v).exp();
+    (v / e, one / e)
+}
+
+/// Runs `f(i, out)` over `0..n` in contiguous chunks on the available cores, each chunk writing
+/// its own slice of every output.
+fn par_chunks<T: Real, const K: usize>(n: usize, f: impl Fn(usize, [&mut [T]; K]) + Sync) -> [Vec<T>; K] {
+    let mut outs: [Vec<T>; K] = std::array::from_fn(|_| vec![T::from_f64(0.0); n]);
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get()).min(n.div_ceil(1 << 14)).max(1);
+    let chunk = n.div_ceil(threads).max(1);
+    let mut parts: Vec<[&mut [T]; K]> = (0..threads).map(|_| std::array::from_fn(|_| &mut [][..])).collect();
+    for (k, out) in outs.iter_mut().enumerate() {
+        for (part, c) in parts.iter_mut().zip(out.chunks_mut(chunk)) {
+            part[k] = c;
+        }
+    }
+    std::thread::scope(|sc| {
+        for (t, part) in parts.into_iter().enumerate() {
+            let f = &f;
+            sc.spawn(move || f(t * chunk, part));
+        }
+    });
+    outs
+}
+
 impl SwiGlu {
     fn forward(&self) -> CResult<Tensor> {
         self.g.silu()? * &self.u
+    }
+
+    fn cpu_forward<T: Real>(&self, g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> CResult<CpuStorage> {
+        let n = gl.shape().elem_count();
+        let g = &T::cpu_storage_as_slice(g)?[gl.start_offset()..][..n];
+        let u = &T::cpu_storage_as_slice(u)?[ul.start_offset()..][..n];
+        let [y] = par_chunks::<T, 1>(n, |at, [y]| {
+            for (i, y) in y.iter_mut().enumerate() {
+                *y = silu_sigmoid(g[at + i]).0 * u[at + i];
+            }
+        });
+        Ok(T::to_cpu_storage_owned(y))
+    }
+
+    fn cpu_backward<T: Real>(&self, dy: &Tensor) -> CResult<(Tensor, Tensor)> {
+        let dy = dy.contiguous()?;
+        let n = dy.elem_count();
+        let ((gs, gl), (us, ul), (ds, dl)) =
+            (self.g.storage_and_layout(), self.u.storage_and_layout(), dy.storage_and_layout());
+        fn slice<'s, T: Real>(s: &'s Storage, l: &Layout, n: usize) -> CResult<&'s [T]> {
+            match s {
+                Storage::Cpu(c) if l.is_contiguous() => Ok(&T::cpu_storage_as_slice(c)?[l.start_offset()..][..n]),
+                _ => candle_core::bail!("swiglu: backward needs contiguous CPU tensors"),
+            }
+        }
+        let (g, u, d) = (slice::<T>(&gs, gl, n)?, slice::<T>(&us, ul, n)?, slice::<T>(&ds, dl, n)?);
+        let one = T::from_f64(1.0);
+        let [dg, du] = par_chunks::<T, 2>(n, |at, [dg, du]| {
+            for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+                let (silu, s) = silu_sigmoid(g[at + i]);
+                *dg = d[at + i] * u[at + i] * (s + silu * (one - s));
+                *du = d[at + i] * silu;
+            }
+        });
+        let dev = dy.device();
+        Ok((Tensor::from_vec(dg, self.g.shape(), dev)?, Tensor::from_vec(du, self.g.shape(), dev)?))
     }
 }
 
@@ -457,8 +579,13 @@ impl candle_core::CustomOp2 for SwiGlu {
         "swiglu"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        cpu_of(output_storage(|| self.forward()), "swiglu")
+    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = match g {
+            CpuStorage::F32(_) if gl.is_contiguous() && ul.is_contiguous() => self.cpu_forward::<f32>(g, gl, u, ul)?,
+            CpuStorage::F64(_) if gl.is_contiguous() && ul.is_contiguous() => self.cpu_forward::<f64>(g, gl, u, ul)?,
+            _ => return cpu_of(output_storage(|| self.forward()), "swiglu"),
+        };
+        Ok((out, gl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -474,19 +601,29 @@ impl candle_core::CustomOp2 for SwiGlu {
 
     fn bwd(&self, _g: &Tensor, _u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let dy = grad.detach();
-        let s = sigmoid(&self.g)?;
-        let silu = (&self.g * &s)?;
-        // σ(g)·(1 + g·(1 − σ(g))) = σ(g) + silu(g)·(1 − σ(g))
-        let dsilu = (&s + (&silu * s.affine(-1.0, 1.0)?)?)?;
-        let dg = ((&dy * &self.u)? * dsilu)?;
-        let du = (dy * silu)?;
-        Ok((Some(dg), Some(du)))
+        if dy.device().is_cpu() {
+            let (dg, du) = match dy.dtype() {
+                DType::F32 => self.cpu_backward::<f32>(&dy)?,
+                DType::F64 => self.cpu_backward::<f64>(&dy)?,
+                _ => return self.tensor_backward(&dy),
+            };
+            return Ok((Some(dg), Some(du)));
+        }
+        self.tensor_backward(&dy)
     }
 }
 
-/// σ(x) = 1 / (1 + e^(−x)) from tensor ops.
-fn sigmoid(x: &Tensor) -> CResult<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
+impl SwiGlu {
+    /// The backward from tensor ops (GPU, half precision).
+    fn tensor_backward(&self, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let s = (self.g.neg()?.exp()? + 1.0)?.recip()?;
+        let silu = (&self.g * &s)?;
+        // σ(g)·(1 + g·(1 − σ(g))) = σ(g) + silu(g)·(1 − σ(g))
+        let dsilu = (&s + (&silu * s.affine(-1.0, 1.0)?)?)?;
+        let dg = ((dy * &self.u)? * dsilu)?;
+        let du = (dy * silu)?;
+        Ok((Some(dg), Some(du)))
+    }
 }
 
 /// [`rope`] as one node: the backward is the inverse rotation (the same rope with `−sin`).
@@ -504,15 +641,29 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     attention_packed(q, k, v, std::slice::from_ref(mask), scale)
 }
 
-/// [`attention`] over sequences packed along the position axis: q, k, v of shape
-/// (heads, T, head_dim) hold the sequences one after the other, `masks[i]` is sequence i's
-/// (tᵢ, tᵢ) mask and T = Σ tᵢ. Each sequence attends only to itself. One node for the whole
-/// pack: no per-sequence slicing nodes whose backward would write full-size zero gradients.
+/// [`attention`] over sequences packed along the position axis: q of shape (heads, T, head_dim),
+/// k and v of shape (kv_heads, T, head_dim) with kv_heads dividing heads (grouped-query
+/// attention: query head h reads KV head h / (heads / kv_heads), as llama.cpp does), holding
+/// the sequences one after the other; `masks[i]` is sequence i's (tᵢ, tᵢ) mask and T = Σ tᵢ.
+/// Each sequence attends only to itself. One node for the whole pack: no per-sequence slicing
+/// nodes whose backward would write full-size zero gradients, and no copies of K and V per
+/// query head (the query heads of a group run as one matrix against their KV head, and the
+/// backward's dK, dV sum over the group by the same matmuls).
 pub fn attention_packed(q: &Tensor, k: &Tensor, v: &Tensor, masks: &[Tensor], scale: f64) -> CResult<Tensor> {
     let total: usize = masks.iter().map(|m| m.dim(0)).sum::<CResult<usize>>()?;
-    if total != q.dim(1)? {
-        candle_core::bail!("attention: masks cover {total} positions, q has {}", q.dim(1)?);
+    let ((nh, tq, hd), (nkv, tk, hdk)) = (q.dims3()?, k.dims3()?);
+    if total != tq || tk != tq || v.dims3()? != (nkv, tk, hdk) || hdk != hd {
+        candle_core::bail!(
+            "attention: masks cover {total} positions; q {:?}, k {:?}, v {:?} do not match",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
     }
+    if nkv == 0 || nh % nkv != 0 {
+        candle_core::bail!("attention: {nkv} KV heads do not divide {nh} query heads");
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let op = Attention {
         q: q.detach(),
         k: k.detach(),
@@ -521,7 +672,7 @@ pub fn attention_packed(q: &Tensor, k: &Tensor, v: &Tensor, masks: &[Tensor], sc
         scale,
         probs: Mutex::new(None),
     };
-    q.apply_op3(k, v, op)
+    q.apply_op3(&k, &v, op)
 }
 
 struct Attention {
@@ -530,6 +681,7 @@ struct Attention {
     v: Tensor,
     masks: Vec<Tensor>,
     scale: f64,
+    /// Per sequence, (kv_heads, group·t, t).
     probs: Mutex<Option<Vec<Tensor>>>,
 }
 
@@ -543,15 +695,37 @@ impl Attention {
         })
     }
 
+    /// Query heads per KV head.
+    fn group(&self) -> usize {
+        self.q.dims()[0] / self.k.dims()[0]
+    }
+
+    /// Sequence `s..s+t` of q (or of its gradient) as (kv_heads, group·t, head_dim): the query
+    /// heads of one KV head stacked along the rows.
+    fn grouped(&self, x: &Tensor, s: usize, t: usize) -> CResult<Tensor> {
+        let (nh, _, hd) = x.dims3()?;
+        let g = self.group();
+        x.narrow(1, s, t)?.contiguous()?.reshape((nh / g, g * t, hd))
+    }
+
+    /// The inverse of [`Attention::grouped`]: (kv_heads, group·t, d) → (heads, t, d).
+    fn ungrouped(&self, x: &Tensor, t: usize) -> CResult<Tensor> {
+        let (nkv, _, d) = x.dims3()?;
+        x.reshape((nkv * self.group(), t, d))
+    }
+
     fn forward(&self) -> CResult<Tensor> {
         let seg = |x: &Tensor, s: usize, t: usize| x.narrow(1, s, t)?.contiguous();
+        let g = self.group();
         let mut outs = Vec::with_capacity(self.masks.len());
         let mut probs = Vec::with_capacity(self.masks.len());
         for (s, t, mask) in self.segments() {
-            let (q, k, v) = (seg(&self.q, s, t)?, seg(&self.k, s, t)?, seg(&self.v, s, t)?);
-            let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask)?;
+            let (q, k, v) = (self.grouped(&self.q, s, t)?, seg(&self.k, s, t)?, seg(&self.v, s, t)?);
+            let scores = (q.matmul(&k.t()?)? * self.scale)?;
+            let nkv = scores.dim(0)?;
+            let scores = scores.reshape((nkv, g, t, t))?.broadcast_add(mask)?.reshape((nkv, g * t, t))?;
             let p = softmax_last(&scores)?;
-            outs.push(p.matmul(&v)?);
+            outs.push(self.ungrouped(&p.matmul(&v)?, t)?);
             probs.push(p);
         }
         *self.probs.lock().expect("attention probabilities poisoned") = Some(probs);
@@ -614,11 +788,12 @@ impl candle_core::CustomOp3 for Attention {
         let g_all = grad.detach();
         let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
         for ((s, t, _), p) in self.segments().zip(&probs) {
-            let (q, k, v, g) = (seg(&self.q, s, t)?, seg(&self.k, s, t)?, seg(&self.v, s, t)?, seg(&g_all, s, t)?);
+            let (q, k, v) = (self.grouped(&self.q, s, t)?, seg(&self.k, s, t)?, seg(&self.v, s, t)?);
+            let g = self.grouped(&g_all, s, t)?;
             dvs.push(p.t()?.matmul(&g)?);
             let dp = g.matmul(&v.t()?)?;
             let ds = (p * dp.broadcast_sub(&(&dp * p)?.sum_keepdim(D::Minus1)?)?)?;
-            dqs.push((ds.matmul(&k)? * self.scale)?);
+            dqs.push(self.ungrouped(&(ds.matmul(&k)? * self.scale)?, t)?);
             dks.push((ds.t()?.matmul(&q)? * self.scale)?);
         }
         Ok((Some(cat_positions(dqs)?), Some(cat_positions(dks)?), Some(cat_positions(dvs)?)))
@@ -850,6 +1025,15 @@ mod tests {
         same_as_plain(&[randn(&[2, 6, 4], 4), randn(&[2, 6, 4], 5), randn(&[2, 6, 4], 6)], plain, |x| {
             attention(&x[0], &x[1], &x[2], &mask, 0.35).unwrap()
         });
+        // Grouped-query attention: 6 query heads on 2 KV heads, against K and V copied per head.
+        let expand = |z: &Tensor| z.unsqueeze(1).unwrap().expand((2, 3, 6, 4)).unwrap().reshape((6, 6, 4)).unwrap();
+        same_as_plain(
+            &[randn(&[6, 6, 4], 7), randn(&[2, 6, 4], 8), randn(&[2, 6, 4], 9)],
+            |x| plain(&[x[0].clone(), expand(&x[1]), expand(&x[2])]),
+            |x| attention(&x[0], &x[1], &x[2], &mask, 0.35).unwrap(),
+        );
+        let bad = attention(&randn(&[6, 6, 4], 7), &randn(&[4, 6, 4], 8), &randn(&[4, 6, 4], 9), &mask, 0.35);
+        assert!(bad.unwrap_err().to_string().contains("do not divide"));
     }
 
     #[test]
@@ -870,11 +1054,14 @@ mod tests {
         }
         let bad = lora_linear(&inputs[0], &w, None, &inputs[2], &inputs[1], 0.75).unwrap_err().to_string();
         assert!(bad.contains("do not chain"), "{bad}");
-        same_as_plain(
-            &[(randn(&[4, 7], 12) * 4.0).unwrap(), randn(&[4, 7], 13)],
-            |x| (x[0].silu().unwrap() * &x[1]).unwrap(),
-            |x| swiglu(&x[0], &x[1]).unwrap(),
-        );
+        // Small (one chunk) and large enough to be split across threads.
+        for (shape, seed) in [([4, 7], 12), ([64, 600], 14)] {
+            same_as_plain(
+                &[(randn(&shape, seed) * 4.0).unwrap(), randn(&shape, seed + 1)],
+                |x| (x[0].silu().unwrap() * &x[1]).unwrap(),
+                |x| swiglu(&x[0], &x[1]).unwrap(),
+            );
+        }
     }
 
     #[test]
