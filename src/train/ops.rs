@@ -189,7 +189,7 @@ impl LoraLinear {
                 Some(bias) => {
                     yr.iter_mut().zip(dr).zip(bias).for_each(|((y, &d), &c)| *y = (*y + c) + (d * mul + zero))
                 }
-                None => yr.iter_mut().zip(dr).for_each(|(y, &d)| *y = *y + (d * mul + zero)),
+                None => yr.iter_mut().zip(dr).for_each(|(y, &d)| *y += d * mul + zero),
             }
         }
         Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
@@ -272,7 +272,7 @@ fn sum_of_products(p: &Tensor, q: &Tensor, r: &Tensor, s: &Tensor) -> CResult<Op
         dev: &candle_core::Device,
     ) -> CResult<Tensor> {
         let mut a = T::cpu_storage_data(a)?;
-        a.iter_mut().zip(T::cpu_storage_as_slice(b)?).for_each(|(x, &y)| *x = *x + y);
+        a.iter_mut().zip(T::cpu_storage_as_slice(b)?).for_each(|(x, &y)| *x += y);
         Tensor::from_vec(a, shape, dev)
     }
     let shape = (p.dim(0)?, q.dim(1)?);
