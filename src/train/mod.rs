@@ -98,7 +98,7 @@ pub struct TrainerConfig {
 
 /// Default of [`TrainerConfig::activation_budget_mib`]: room for 4 × ~238-token or 8 × ~128-token
 /// sequences of a 135M model; beyond it, recomputation bounds memory (a 4 × 256 step of that
-/// model then peaks at ~1.3 GiB instead of ~2.9 GiB, a third of PyTorch + PEFT's).
+/// model then peaks at ~1.3 GiB instead of ~2.8 GiB, a third of PyTorch + PEFT's).
 pub const DEFAULT_ACTIVATION_BUDGET_MIB: u64 = 1536;
 
 /// When the trainer recomputes activations in the backward pass instead of keeping them.
