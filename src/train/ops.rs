@@ -119,8 +119,9 @@ pub fn lora_linear(
     if k != n_in || a_in != n_in || b_out != n_out || b_r != r {
         candle_core::bail!("lora-linear: x {rows}×{n_in}, W {n_out}×{k}, A {r}×{a_in}, B {b_out}×{b_r} do not chain");
     }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
     let op = LoraLinear { x: x.detach(), w: w.clone(), bias: bias.cloned(), a: a.detach(), b: b.detach(), scale };
-    x.apply_op3(a, b, op)
+    x.apply_op3(&a, &b, op)
 }
 
 struct LoraLinear {
@@ -141,9 +142,7 @@ impl LoraLinear {
         let delta = self.x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
         y + (delta * self.scale)?
     }
-}
 
-impl LoraLinear {
     /// The CPU forward without intermediate tensors: the three matmuls the plain graph runs
     /// (same gemm calls, so the same values), then bias and `scale·(x·Aᵀ)·Bᵀ` added into x·Wᵀ
     /// in place, in the plain graph's order — no zero-filled temporaries and no copy of the result.
