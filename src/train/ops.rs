@@ -177,10 +177,7 @@ impl LoraLinear {
         let (mul, zero) = (T::from_f64(self.scale), T::from_f64(0.0));
         let guard = self.bias.as_ref().map(|t| t.storage_and_layout());
         let bias = match &guard {
-            Some((s, l)) => match &**s {
-                Storage::Cpu(c) if l.is_contiguous() => Some(&T::cpu_storage_as_slice(c)?[l.start_offset()..][..n]),
-                _ => candle_core::bail!("lora-linear: bias not a contiguous CPU vector"),
-            },
+            Some((s, l)) => Some(cpu_elems::<T>(s, l, n, "lora-linear bias")?),
             None => None,
         };
         for (yr, dr) in y.chunks_exact_mut(n).zip(d.chunks_exact(n)) {
@@ -280,6 +277,14 @@ fn sum_of_products(p: &Tensor, q: &Tensor, r: &Tensor, s: &Tensor) -> CResult<Op
         (CpuStorage::F32(_), CpuStorage::F32(_)) => add::<f32>(a, &b, shape, p.device()).map(Some),
         (CpuStorage::F64(_), CpuStorage::F64(_)) => add::<f64>(a, &b, shape, p.device()).map(Some),
         _ => Ok(None),
+    }
+}
+
+/// The `n` elements of a contiguous CPU storage from its layout's offset, as `T`.
+fn cpu_elems<'s, T: candle_core::WithDType>(s: &'s Storage, l: &Layout, n: usize, op: &str) -> CResult<&'s [T]> {
+    match s {
+        Storage::Cpu(c) if l.is_contiguous() => Ok(&T::cpu_storage_as_slice(c)?[l.start_offset()..][..n]),
+        _ => candle_core::bail!("{op}: needs contiguous CPU tensors"),
     }
 }
 
@@ -553,13 +558,8 @@ impl SwiGlu {
         let n = dy.elem_count();
         let ((gs, gl), (us, ul), (ds, dl)) =
             (self.g.storage_and_layout(), self.u.storage_and_layout(), dy.storage_and_layout());
-        fn slice<'s, T: Real>(s: &'s Storage, l: &Layout, n: usize) -> CResult<&'s [T]> {
-            match s {
-                Storage::Cpu(c) if l.is_contiguous() => Ok(&T::cpu_storage_as_slice(c)?[l.start_offset()..][..n]),
-                _ => candle_core::bail!("swiglu: backward needs contiguous CPU tensors"),
-            }
-        }
-        let (g, u, d) = (slice::<T>(&gs, gl, n)?, slice::<T>(&us, ul, n)?, slice::<T>(&ds, dl, n)?);
+        let slice = |s, l| cpu_elems::<T>(s, l, n, "swiglu backward");
+        let (g, u, d) = (slice(&gs, gl)?, slice(&us, ul)?, slice(&ds, dl)?);
         let one = T::from_f64(1.0);
         let [dg, du] = par_chunks::<T, 2>(n, |at, [dg, du]| {
             for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
@@ -570,6 +570,17 @@ impl SwiGlu {
         });
         let dev = dy.device();
         Ok((Tensor::from_vec(dg, self.g.shape(), dev)?, Tensor::from_vec(du, self.g.shape(), dev)?))
+    }
+
+    /// The backward from tensor ops (GPU, half precision).
+    fn tensor_backward(&self, dy: &Tensor) -> CResult<(Tensor, Tensor)> {
+        let s = (self.g.neg()?.exp()? + 1.0)?.recip()?;
+        let silu = (&self.g * &s)?;
+        // σ(g)·(1 + g·(1 − σ(g))) = σ(g) + silu(g)·(1 − σ(g))
+        let dsilu = (&s + (&silu * s.affine(-1.0, 1.0)?)?)?;
+        let dg = ((dy * &self.u)? * dsilu)?;
+        let du = (dy * silu)?;
+        Ok((dg, du))
     }
 }
 
@@ -600,27 +611,11 @@ impl candle_core::CustomOp2 for SwiGlu {
 
     fn bwd(&self, _g: &Tensor, _u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let dy = grad.detach();
-        if dy.device().is_cpu() {
-            let (dg, du) = match dy.dtype() {
-                DType::F32 => self.cpu_backward::<f32>(&dy)?,
-                DType::F64 => self.cpu_backward::<f64>(&dy)?,
-                _ => return self.tensor_backward(&dy),
-            };
-            return Ok((Some(dg), Some(du)));
-        }
-        self.tensor_backward(&dy)
-    }
-}
-
-impl SwiGlu {
-    /// The backward from tensor ops (GPU, half precision).
-    fn tensor_backward(&self, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let s = (self.g.neg()?.exp()? + 1.0)?.recip()?;
-        let silu = (&self.g * &s)?;
-        // σ(g)·(1 + g·(1 − σ(g))) = σ(g) + silu(g)·(1 − σ(g))
-        let dsilu = (&s + (&silu * s.affine(-1.0, 1.0)?)?)?;
-        let dg = ((dy * &self.u)? * dsilu)?;
-        let du = (dy * silu)?;
+        let (dg, du) = match (dy.device().is_cpu(), dy.dtype()) {
+            (true, DType::F32) => self.cpu_backward::<f32>(&dy)?,
+            (true, DType::F64) => self.cpu_backward::<f64>(&dy)?,
+            _ => self.tensor_backward(&dy)?,
+        };
         Ok((Some(dg), Some(du)))
     }
 }
