@@ -14,6 +14,7 @@
 pub mod arch;
 pub mod checkpoint;
 pub mod data;
+pub mod head;
 pub mod jsonl;
 pub mod lora;
 pub mod loss;

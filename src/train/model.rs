@@ -6,6 +6,7 @@
 //! `[tokens × vocab]` logits never exist for a whole sequence.
 
 use super::arch::{ArchConfig, Family};
+use super::head::head_logprobs;
 use super::lora::{cerr, Lora, Target};
 use super::ops::{
     attention_packed, checkpoint, frozen_linear, gelu_ggml_cpu, gelu_tanh, log_softmax_last, lora_linear, rms_norm,
@@ -209,9 +210,10 @@ fn block(
     x + d
 }
 
-/// Log-probs of `targets` from hidden states `h` (n × d): chunk of the output head.
-fn head(h: &Tensor, output: &Tensor, targets: &Tensor, inv_t: f64, softcap: f64, plain: bool) -> CResult<Tensor> {
-    let mut logits = if plain { h.broadcast_matmul(&output.t()?)? } else { frozen_linear(h, output)? };
+/// Log-probs of `targets` from hidden states `h` (n × d) with candle's plain autograd (the
+/// baseline: its matmul also computes the output matrix's gradient).
+fn plain_head(h: &Tensor, output: &Tensor, targets: &Tensor, inv_t: f64, softcap: f64) -> CResult<Tensor> {
+    let mut logits = h.broadcast_matmul(&output.t()?)?;
     if softcap > 0.0 {
         logits = ((logits / softcap)?.tanh()? * softcap)?;
     }
@@ -368,25 +370,17 @@ impl Forward<'_> {
             h.index_select(&idx, 0).map_err(cerr)?
         };
         let n = targets.len();
-        let chunk = if self.plain { n } else { self.head_chunk.max(1) };
-        let mut parts = Vec::with_capacity(n.div_ceil(chunk));
         let inv_t = 1.0 / temperature;
-        for c0 in (0..n).step_by(chunk) {
-            let len = chunk.min(n - c0);
-            let tg = Tensor::from_slice(&targets[c0..c0 + len], len, dev).map_err(cerr)?;
-            let hc = h.narrow(0, c0, len).map_err(cerr)?;
-            let (out, softcap, plain) = (w.output.clone(), cfg.final_logit_softcap, self.plain);
-            // The head is always recomputed in the backward pass (cheap next to the blocks), so
-            // [tokens × vocab] logits never exist beyond one chunk, whatever `recompute` says.
-            let part = if grad && !plain {
-                checkpoint(&hc, vec![], self.sink, move |h| head(h, &out, &tg, inv_t, softcap, false))
-            } else {
-                head(&hc, &out, &tg, inv_t, softcap, plain)
-            };
-            parts.push(part.map_err(cerr)?);
+        let softcap = cfg.final_logit_softcap;
+        // gpo's head is one node that never holds more than `head_chunk` rows of logits; the
+        // plain baseline builds [tokens × vocab] logits from candle's ops.
+        let all = if self.plain {
+            let tg = Tensor::from_slice(&targets, n, dev).map_err(cerr)?;
+            plain_head(&h, &w.output, &tg, inv_t, softcap)
+        } else {
+            head_logprobs(&h, &w.output, &targets, inv_t, softcap, self.head_chunk)
         }
-        let all =
-            if parts.len() == 1 { parts.pop().expect("one chunk") } else { Tensor::cat(&parts, 0).map_err(cerr)? };
+        .map_err(cerr)?;
         if seqs.len() == 1 {
             return Ok(vec![all]);
         }

@@ -281,7 +281,12 @@ fn sum_of_products(p: &Tensor, q: &Tensor, r: &Tensor, s: &Tensor) -> CResult<Op
 }
 
 /// The `n` elements of a contiguous CPU storage from its layout's offset, as `T`.
-fn cpu_elems<'s, T: candle_core::WithDType>(s: &'s Storage, l: &Layout, n: usize, op: &str) -> CResult<&'s [T]> {
+pub(crate) fn cpu_elems<'s, T: candle_core::WithDType>(
+    s: &'s Storage,
+    l: &Layout,
+    n: usize,
+    op: &str,
+) -> CResult<&'s [T]> {
     match s {
         Storage::Cpu(c) if l.is_contiguous() => Ok(&T::cpu_storage_as_slice(c)?[l.start_offset()..][..n]),
         _ => candle_core::bail!("{op}: needs contiguous CPU tensors"),
@@ -492,19 +497,26 @@ struct SwiGlu {
 }
 
 /// The element types the one-pass CPU kernels handle.
-trait Real: candle_core::WithDType + Send + Sync {
+pub(crate) trait Real: candle_core::WithDType + Send + Sync {
     fn exp(self) -> Self;
+    fn tanh(self) -> Self;
 }
 
 impl Real for f32 {
     fn exp(self) -> f32 {
         f32::exp(self)
     }
+    fn tanh(self) -> f32 {
+        f32::tanh(self)
+    }
 }
 
 impl Real for f64 {
     fn exp(self) -> f64 {
         f64::exp(self)
+    }
+    fn tanh(self) -> f64 {
+        f64::tanh(self)
     }
 }
 
@@ -519,7 +531,7 @@ fn silu_sigmoid<T: Real>(v: T) -> (T, T) {
 /// its own slice of every output.
 fn par_chunks<T: Real, const K: usize>(n: usize, f: impl Fn(usize, [&mut [T]; K]) + Sync) -> [Vec<T>; K] {
     let mut outs: [Vec<T>; K] = std::array::from_fn(|_| vec![T::from_f64(0.0); n]);
-    let threads = std::thread::available_parallelism().map_or(1, |p| p.get()).min(n.div_ceil(1 << 14)).max(1);
+    let threads = candle_core::utils::get_num_threads().min(n.div_ceil(1 << 14)).max(1);
     let chunk = n.div_ceil(threads).max(1);
     let mut parts: Vec<[&mut [T]; K]> = (0..threads).map(|_| std::array::from_fn(|_| &mut [][..])).collect();
     for (k, out) in outs.iter_mut().enumerate() {
