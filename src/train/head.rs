@@ -153,7 +153,7 @@ impl HeadLogprobs {
             if self.softcap > 0.0 {
                 b.iter_mut().for_each(|z| *z = (*z / cap).tanh() * cap * inv_t);
             } else if self.inv_t != 1.0 {
-                b.iter_mut().for_each(|z| *z = *z * inv_t);
+                b.iter_mut().for_each(|z| *z *= inv_t);
             }
         });
     }
@@ -231,7 +231,7 @@ impl HeadLogprobs {
                     } else {
                         inv_t
                     };
-                    row[t] = row[t] + gr * dz;
+                    row[t] += gr * dz;
                 }
             });
             gemm_into(&mut dh[r0 * d..(r0 + rows) * d], rows, d, vocab, &buf[..rows * vocab], w, d, 1);
