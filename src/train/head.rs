@@ -12,7 +12,7 @@
 //! The CPU kernels cover f32 and f64; other devices and dtypes run the same maths as tensor
 //! ops (GPU), recomputed in the backward.
 
-use super::ops::{checkpoint, cpu_elems, frozen_linear, log_softmax_last, GradSink, Real};
+use super::ops::{checkpoint, cpu_elems, frozen_linear, gemm_into, log_softmax_last, par_rows, GradSink, Real};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use std::sync::Mutex;
 
@@ -78,64 +78,6 @@ struct HeadLogprobs {
     chunk: usize,
     /// Each row's log-sum-exp of the scaled logits, from the forward, for the backward.
     lse: Mutex<Vec<f64>>,
-}
-
-/// `dst (rows × cols) = lhs (rows × inner) · rhs`, where `rhs` is given by its strides
-/// (row stride, column stride) — gemm into a caller's buffer, on candle's thread count.
-#[allow(clippy::too_many_arguments)]
-fn gemm_into<T: Real>(
-    dst: &mut [T],
-    rows: usize,
-    cols: usize,
-    inner: usize,
-    lhs: &[T],
-    rhs: &[T],
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
-    assert!(dst.len() >= rows * cols && lhs.len() >= rows * inner);
-    assert!(rhs.len() > (inner.max(1) - 1) * rhs_rs + (cols.max(1) - 1) * rhs_cs);
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices; the
-    // destination does not alias the operands (a unique borrow).
-    unsafe {
-        gemm::gemm(
-            rows,
-            cols,
-            inner,
-            dst.as_mut_ptr(),
-            1,
-            cols as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            inner as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::from_f64(0.0),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
-
-/// Runs `f(first_row, rows, outputs…)` over the rows of `buf` (each `width` wide) in contiguous
-/// groups on the available cores; `per_row` are outputs with one entry per row, split alike.
-fn par_rows<T: Send>(buf: &mut [T], width: usize, per_row: &mut [f64], f: impl Fn(usize, &mut [T], &mut [f64]) + Sync) {
-    let rows = per_row.len();
-    let threads = candle_core::utils::get_num_threads().min(rows).max(1);
-    let group = rows.div_ceil(threads).max(1);
-    std::thread::scope(|sc| {
-        for (i, (b, o)) in buf[..rows * width].chunks_mut(group * width).zip(per_row.chunks_mut(group)).enumerate() {
-            let f = &f;
-            sc.spawn(move || f(i * group, b, o));
-        }
-    });
 }
 
 impl HeadLogprobs {

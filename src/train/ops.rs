@@ -293,6 +293,69 @@ pub(crate) fn cpu_elems<'s, T: candle_core::WithDType>(
     }
 }
 
+/// `dst (rows × cols) = lhs (rows × inner) · rhs`, where `rhs` is given by its strides
+/// (row stride, column stride) — gemm into a caller's buffer, on candle's thread count.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into<T: Real>(
+    dst: &mut [T],
+    rows: usize,
+    cols: usize,
+    inner: usize,
+    lhs: &[T],
+    rhs: &[T],
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    assert!(dst.len() >= rows * cols && lhs.len() >= rows * inner);
+    assert!(rhs.len() > (inner.max(1) - 1) * rhs_rs + (cols.max(1) - 1) * rhs_cs);
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices; the
+    // destination does not alias the operands (a unique borrow).
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            inner,
+            dst.as_mut_ptr(),
+            1,
+            cols as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            inner as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::from_f64(0.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Runs `f(first_row, rows, outputs…)` over the rows of `buf` (each `width` wide) in contiguous
+/// groups on the available cores; `per_row` are outputs with one entry per row, split alike.
+pub(crate) fn par_rows<T: Send>(
+    buf: &mut [T],
+    width: usize,
+    per_row: &mut [f64],
+    f: impl Fn(usize, &mut [T], &mut [f64]) + Sync,
+) {
+    let rows = per_row.len();
+    let threads = candle_core::utils::get_num_threads().min(rows).max(1);
+    let group = rows.div_ceil(threads).max(1);
+    std::thread::scope(|sc| {
+        for (i, (b, o)) in buf[..rows * width].chunks_mut(group * width).zip(per_row.chunks_mut(group)).enumerate() {
+            let f = &f;
+            sc.spawn(move || f(i * group, b, o));
+        }
+    });
+}
+
 /// Gradients of parameters found while recomputing checkpointed blocks, summed per parameter.
 #[derive(Clone, Default)]
 pub struct GradSink {
@@ -720,17 +783,89 @@ impl Attention {
         x.reshape((nkv * self.group(), t, d))
     }
 
+    /// Attention probabilities of one sequence on the CPU: `q·kᵀ` per KV head by gemm into one
+    /// buffer, then per row one kernel for `softmax(s·scale + mask)` in place — the same
+    /// arithmetic in the same order as the tensor ops (bit-identical in f64), without their five
+    /// intermediate [heads × t × t] tensors. Masked (−∞) entries skip the exponential.
+    fn cpu_probs<T: Real>(&self, q: &Tensor, k: &Tensor, mask: &Tensor) -> CResult<Tensor> {
+        let ((nkv, gt, hd), (_, t, _)) = (q.dims3()?, k.dims3()?);
+        let ((qs, ql), (ks, kl), (ms, ml)) =
+            (q.storage_and_layout(), k.storage_and_layout(), mask.storage_and_layout());
+        let qv = cpu_elems::<T>(&qs, ql, nkv * gt * hd, "attention")?;
+        let kv = cpu_elems::<T>(&ks, kl, nkv * t * hd, "attention")?;
+        let mv = cpu_elems::<T>(&ms, ml, t * t, "attention mask")?;
+        let mut p = vec![T::from_f64(0.0); nkv * gt * t];
+        for h in 0..nkv {
+            let (qh, kh) = (&qv[h * gt * hd..(h + 1) * gt * hd], &kv[h * t * hd..(h + 1) * t * hd]);
+            gemm_into(&mut p[h * gt * t..(h + 1) * gt * t], gt, t, hd, qh, kh, 1, hd);
+        }
+        let (scale, zero) = (T::from_f64(self.scale), T::from_f64(0.0));
+        let mut unused = vec![0.0; nkv * gt];
+        par_rows(&mut p, t, &mut unused, |first, rows, _| {
+            for (r, row) in rows.chunks_exact_mut(t).enumerate() {
+                let m = &mv[((first + r) % t) * t..][..t];
+                let mut max = T::from_f64(f64::NEG_INFINITY);
+                for (z, &m) in row.iter_mut().zip(m) {
+                    *z = (*z * scale + zero) + m;
+                    if *z > max {
+                        max = *z;
+                    }
+                }
+                let mut sum = zero;
+                for z in row.iter_mut() {
+                    *z = if z.to_f64() == f64::NEG_INFINITY { zero } else { (*z - max).exp() };
+                    sum += *z;
+                }
+                row.iter_mut().for_each(|z| *z /= sum);
+            }
+        });
+        Tensor::from_vec(p, (nkv, gt, t), q.device())
+    }
+
+    /// `ds = p ⊙ (dp − Σ_j dp·p)·scale` for one sequence on the CPU, `dp = g·vᵀ` by gemm into
+    /// the buffer that becomes ds: one pass per row instead of four tensor ops.
+    fn cpu_dscores<T: Real>(&self, p: &Tensor, g: &Tensor, v: &Tensor) -> CResult<Tensor> {
+        let ((nkv, gt, t), (_, _, hd)) = (p.dims3()?, v.dims3()?);
+        let ((ps, pl), (gs, gl), (vs, vl)) = (p.storage_and_layout(), g.storage_and_layout(), v.storage_and_layout());
+        let pv = cpu_elems::<T>(&ps, pl, nkv * gt * t, "attention backward")?;
+        let gv = cpu_elems::<T>(&gs, gl, nkv * gt * hd, "attention backward")?;
+        let vv = cpu_elems::<T>(&vs, vl, nkv * t * hd, "attention backward")?;
+        let mut ds = vec![T::from_f64(0.0); nkv * gt * t];
+        for h in 0..nkv {
+            let (gh, vh) = (&gv[h * gt * hd..(h + 1) * gt * hd], &vv[h * t * hd..(h + 1) * t * hd]);
+            gemm_into(&mut ds[h * gt * t..(h + 1) * gt * t], gt, t, hd, gh, vh, 1, hd);
+        }
+        let scale = T::from_f64(self.scale);
+        let mut unused = vec![0.0; nkv * gt];
+        par_rows(&mut ds, t, &mut unused, |first, rows, _| {
+            for (r, row) in rows.chunks_exact_mut(t).enumerate() {
+                let pr = &pv[(first + r) * t..][..t];
+                let dot = row.iter().zip(pr).fold(T::from_f64(0.0), |a, (&d, &p)| a + d * p);
+                row.iter_mut().zip(pr).for_each(|(d, &p)| *d = p * (*d - dot) * scale);
+            }
+        });
+        Tensor::from_vec(ds, (nkv, gt, t), p.device())
+    }
+
     fn forward(&self) -> CResult<Tensor> {
+        self.forward_with(|this, q, k, mask| {
+            let g = this.group();
+            let (nkv, t) = (k.dim(0)?, k.dim(1)?);
+            let scores = (q.matmul(&k.t()?)? * this.scale)?;
+            let scores = scores.reshape((nkv, g, t, t))?.broadcast_add(mask)?.reshape((nkv, g * t, t))?;
+            softmax_last(&scores)
+        })
+    }
+
+    /// The forward with `probs(self, q, k, mask)` giving one sequence's attention
+    /// probabilities (kv_heads, group·t, t) from its grouped queries and its keys.
+    fn forward_with(&self, probs_of: impl Fn(&Self, &Tensor, &Tensor, &Tensor) -> CResult<Tensor>) -> CResult<Tensor> {
         let seg = |x: &Tensor, s: usize, t: usize| x.narrow(1, s, t)?.contiguous();
-        let g = self.group();
         let mut outs = Vec::with_capacity(self.masks.len());
         let mut probs = Vec::with_capacity(self.masks.len());
         for (s, t, mask) in self.segments() {
             let (q, k, v) = (self.grouped(&self.q, s, t)?, seg(&self.k, s, t)?, seg(&self.v, s, t)?);
-            let scores = (q.matmul(&k.t()?)? * self.scale)?;
-            let nkv = scores.dim(0)?;
-            let scores = scores.reshape((nkv, g, t, t))?.broadcast_add(mask)?.reshape((nkv, g * t, t))?;
-            let p = softmax_last(&scores)?;
+            let p = probs_of(self, &q, &k, mask)?;
             outs.push(self.ungrouped(&p.matmul(&v)?, t)?);
             probs.push(p);
         }
@@ -762,7 +897,12 @@ impl candle_core::CustomOp3 for Attention {
         _: &CpuStorage,
         _: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        cpu_of(output_storage(|| self.forward()), "attention")
+        let forward = || match self.q.dtype() {
+            DType::F32 => self.forward_with(Attention::cpu_probs::<f32>),
+            DType::F64 => self.forward_with(Attention::cpu_probs::<f64>),
+            _ => self.forward(),
+        };
+        cpu_of(output_storage(forward), "attention")
     }
 
     #[cfg(feature = "cuda")]
@@ -797,10 +937,19 @@ impl candle_core::CustomOp3 for Attention {
             let (q, k, v) = (self.grouped(&self.q, s, t)?, seg(&self.k, s, t)?, seg(&self.v, s, t)?);
             let g = self.grouped(&g_all, s, t)?;
             dvs.push(p.t()?.matmul(&g)?);
-            let dp = g.matmul(&v.t()?)?;
-            let ds = (p * dp.broadcast_sub(&(&dp * p)?.sum_keepdim(D::Minus1)?)?)?;
-            dqs.push(self.ungrouped(&(ds.matmul(&k)? * self.scale)?, t)?);
-            dks.push((ds.t()?.matmul(&q)? * self.scale)?);
+            // ds carries the scale on the CPU path (scaled once instead of dq and dk).
+            let (ds, scale) = match (g.device().is_cpu(), g.dtype()) {
+                (true, DType::F32) => (self.cpu_dscores::<f32>(p, &g, &v)?, 1.0),
+                (true, DType::F64) => (self.cpu_dscores::<f64>(p, &g, &v)?, 1.0),
+                _ => {
+                    let dp = g.matmul(&v.t()?)?;
+                    ((p * dp.broadcast_sub(&(&dp * p)?.sum_keepdim(D::Minus1)?)?)?, self.scale)
+                }
+            };
+            let (dq, dk) = (ds.matmul(&k)?, ds.t()?.matmul(&q)?);
+            let (dq, dk) = if scale == 1.0 { (dq, dk) } else { ((dq * scale)?, (dk * scale)?) };
+            dqs.push(self.ungrouped(&dq, t)?);
+            dks.push(dk);
         }
         Ok((Some(cat_positions(dqs)?), Some(cat_positions(dks)?), Some(cat_positions(dvs)?)))
     }
