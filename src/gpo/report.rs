@@ -217,8 +217,52 @@ pub fn table(arms: &[Arm]) -> String {
             }
             s.push('\n');
         }
+        if let Some(line) = paired(arms, last) {
+            s.push_str(&line);
+        }
     }
     s
+}
+
+/// `gpo` against every other arm on the seeds both ran, after `last` iterations: the mean of
+/// the per-seed differences (`gpo` − arm, in points) with its 95% t-interval, and how many seeds
+/// each side won. A run's seed fixes its tasks and sampling, so pairing by seed removes the
+/// spread between seeds that the per-arm intervals carry, and compares arms with different seed
+/// sets on the same seeds only. None without a `gpo` arm or another arm.
+pub fn paired(arms: &[Arm], last: usize) -> Option<String> {
+    let gpo = arms.iter().find(|a| a.name == "gpo")?;
+    let mut parts = Vec::new();
+    for a in arms.iter().filter(|a| a.name != "gpo") {
+        let diffs: Vec<f64> = gpo
+            .runs
+            .iter()
+            .filter_map(|g| {
+                let other = a.runs.iter().find(|r| r.seed == g.seed)?;
+                Some(g.heldout.get(&last)? - other.heldout.get(&last)?)
+            })
+            .collect();
+        if diffs.is_empty() {
+            continue;
+        }
+        let (m, h) = mean_ci(&diffs);
+        let ahead = diffs.iter().filter(|&&d| d > 0.0).count();
+        let behind = diffs.iter().filter(|&&d| d < 0.0).count();
+        let interval = if h.is_nan() { String::new() } else { format!(" ± {:.0}", 100.0 * h) };
+        parts.push(format!(
+            "`{}` {:+.0}{interval} points ({} seed{}: ahead on {ahead}, behind on {behind})",
+            a.name,
+            100.0 * m,
+            diffs.len(),
+            if diffs.len() == 1 { "" } else { "s" }
+        ));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "\n`gpo` minus each arm on the seeds both ran, after {last} iterations (paired by seed, 95% interval): {}.\n",
+        parts.join("; ")
+    ))
 }
 
 /// The paper's framing for one setting: every other arm compared with `gpo` at (about) equal
@@ -410,5 +454,21 @@ mod tests {
         assert!(t.contains("| `grpo` | 1 | 20 | 100 | 50 ± 127% (60, 40) | 2.00 |"), "{t}");
         assert!(t.contains("| `slow` | 2 | 2 | 200 | 10% (10) | 1.00 |"), "never reaches 20: its last: {t}");
         assert!(paper_table(&arms[1..]).is_none(), "no gpo arm");
+    }
+
+    #[test]
+    fn paired_differences_use_only_the_seeds_both_arms_ran() {
+        // gpo − grpo per seed after 2 iterations: −0.2, −0.4, +0.3 → mean −0.1, s = 0.3606,
+        // t(2) = 4.303: ± 0.8958. `short` ran seed 1 only: one difference, no interval.
+        let arms = [
+            arm("gpo", 1, 1, &[&[0.0, 0.5], &[0.0, 0.5], &[0.0, 0.6]]),
+            arm("grpo", 1, 1, &[&[0.0, 0.7], &[0.0, 0.9], &[0.0, 0.3]]),
+            arm("short", 1, 1, &[&[0.0, 0.25]]),
+        ];
+        let line = paired(&arms, 2).unwrap();
+        assert!(line.contains("`grpo` -10 ± 90 points (3 seeds: ahead on 1, behind on 2)"), "{line}");
+        assert!(line.contains("`short` +25 points (1 seed: ahead on 1, behind on 0)"), "{line}");
+        assert!(table(&arms).contains(&line), "the table carries the paired line");
+        assert!(paired(&arms[1..], 2).is_none(), "no gpo arm");
     }
 }
