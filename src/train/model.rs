@@ -231,7 +231,7 @@ fn norm(x: &Tensor, w: &Tensor, eps: f64, plain: bool) -> candle_core::Result<Te
 
 /// Estimated bytes of the activations that a forward with gradients keeps for sequences of
 /// `lens` tokens when blocks are not recomputed: per layer and sequence of t tokens,
-/// 11·t·d + 5·t·d_kv + 3·t·ff + heads·t² elements — what [`block`]'s nodes hold (the block
+/// 11·t·d + 5·t·d_kv + 3·t·ff + heads·t² elements — what `block`'s nodes hold (the block
 /// input, the norms, Q/K before, after the transpose and after RoPE, V before and after the
 /// transpose, the attention output and its transpose, the projections and residual sums, gate,
 /// up and their product, the attention probabilities). SmolLM2-135M at 4 × 256 tokens: 1,665 MiB

@@ -12,8 +12,12 @@
 //!   bit-identical). candle's backward allocates and accumulates a gradient for every node, so
 //!   collapsing each into one node halves the kept activations and the backward's element-wise
 //!   work;
+//!   On the CPU, attention's softmax and its backward are one in-place pass per row over scores
+//!   that gemm writes into one buffer per sequence ([`gemm_into`], [`par_rows`]);
 //! - plain differentiable tensor ops for norms, RoPE, softmax, log-softmax (the references of
 //!   the fused ops, and the plain-autograd baseline).
+//!
+//! The output head's log-probabilities are one node too, in [`super::head`].
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, TensorId, Var, D};
