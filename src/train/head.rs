@@ -43,7 +43,7 @@ pub fn head_logprobs(
     if !cpu_kernel {
         // Tensor ops, the logits recomputed in the backward pass.
         let tg = Tensor::from_slice(targets, n, h.device())?;
-        let (w, softcap) = (w.clone(), softcap);
+        let w = w.clone();
         let f = move |h: &Tensor| tensor_head(h, &w, &tg, inv_t, softcap);
         return if h.track_op() { checkpoint(h, vec![], &GradSink::default(), f) } else { f(h) };
     }
