@@ -90,13 +90,13 @@ impl HeadLogprobs {
             return;
         }
         let (inv_t, cap) = (T::from_f64(self.inv_t), T::from_f64(self.softcap));
-        let mut unused = vec![0.0; rows];
-        par_rows(buf, vocab, &mut unused, |_, b, _| {
+        par_rows::<_, ()>(&mut buf[..rows * vocab], vocab, |_, b| {
             if self.softcap > 0.0 {
                 b.iter_mut().for_each(|z| *z = (*z / cap).tanh() * cap * inv_t);
-            } else if self.inv_t != 1.0 {
+            } else {
                 b.iter_mut().for_each(|z| *z *= inv_t);
             }
+            Vec::new()
         });
     }
 
@@ -113,14 +113,17 @@ impl HeadLogprobs {
         for r0 in (0..n).step_by(chunk) {
             let rows = chunk.min(n - r0);
             self.scaled_logits(h, w, r0, rows, &mut buf);
-            par_rows(&mut buf, vocab, &mut lse[r0..r0 + rows], |_, b, lse| {
-                for (row, lse) in b.chunks_exact(vocab).zip(lse.iter_mut()) {
-                    let max = row.iter().fold(f64::NEG_INFINITY, |m, &z| m.max(z.to_f64()));
-                    let m = T::from_f64(max);
-                    let sum: f64 = row.iter().map(|&z| (z - m).exp().to_f64()).sum();
-                    *lse = max + sum.ln();
-                }
+            let lse_rows = par_rows(&mut buf[..rows * vocab], vocab, |_, b| {
+                b.chunks_exact(vocab)
+                    .map(|row| {
+                        let max = row.iter().fold(f64::NEG_INFINITY, |m, &z| m.max(z.to_f64()));
+                        let m = T::from_f64(max);
+                        let sum: f64 = row.iter().map(|&z| (z - m).exp().to_f64()).sum();
+                        max + sum.ln()
+                    })
+                    .collect()
             });
+            lse[r0..r0 + rows].copy_from_slice(&lse_rows);
             for r in r0..r0 + rows {
                 let z = buf[(r - r0) * vocab + self.targets[r] as usize].to_f64();
                 out[r] = z - lse[r];
@@ -150,8 +153,7 @@ impl HeadLogprobs {
             let rows = chunk.min(n - r0);
             // Raw logits (before cap and scale): the cap's derivative needs them.
             gemm_into(&mut buf, rows, vocab, d, &h[r0 * d..(r0 + rows) * d], w, 1, d);
-            let mut unused = vec![0.0; rows];
-            par_rows(&mut buf, vocab, &mut unused, |first, b, _| {
+            par_rows::<_, ()>(&mut buf[..rows * vocab], vocab, |first, b| {
                 for (i, row) in b.chunks_exact_mut(vocab).enumerate() {
                     let r = r0 + first + i;
                     let (gr, lse) = (T::from_f64(g[r]), T::from_f64(lse[r]));
@@ -175,6 +177,7 @@ impl HeadLogprobs {
                     };
                     row[t] += gr * dz;
                 }
+                Vec::new()
             });
             gemm_into(&mut dh[r0 * d..(r0 + rows) * d], rows, d, vocab, &buf[..rows * vocab], w, d, 1);
         }

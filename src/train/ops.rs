@@ -341,23 +341,27 @@ pub(crate) fn gemm_into<T: Real>(
     }
 }
 
-/// Runs `f(first_row, rows, outputs…)` over the rows of `buf` (each `width` wide) in contiguous
-/// groups on the available cores; `per_row` are outputs with one entry per row, split alike.
-pub(crate) fn par_rows<T: Send>(
+/// Runs `f(first_row, rows)` over the rows of `buf` (each `width` wide) in contiguous groups on
+/// candle's thread count; returns what the groups return, in row order.
+pub(crate) fn par_rows<T: Send, R: Send>(
     buf: &mut [T],
     width: usize,
-    per_row: &mut [f64],
-    f: impl Fn(usize, &mut [T], &mut [f64]) + Sync,
-) {
-    let rows = per_row.len();
+    f: impl Fn(usize, &mut [T]) -> Vec<R> + Sync,
+) -> Vec<R> {
+    let rows = buf.len() / width.max(1);
     let threads = candle_core::utils::get_num_threads().min(rows).max(1);
     let group = rows.div_ceil(threads).max(1);
     std::thread::scope(|sc| {
-        for (i, (b, o)) in buf[..rows * width].chunks_mut(group * width).zip(per_row.chunks_mut(group)).enumerate() {
-            let f = &f;
-            sc.spawn(move || f(i * group, b, o));
-        }
-    });
+        let workers: Vec<_> = buf[..rows * width]
+            .chunks_mut(group * width)
+            .enumerate()
+            .map(|(i, b)| {
+                let f = &f;
+                sc.spawn(move || f(i * group, b))
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("row worker panicked")).collect()
+    })
 }
 
 /// Gradients of parameters found while recomputing checkpointed blocks, summed per parameter.
@@ -804,8 +808,7 @@ impl Attention {
             gemm_into(&mut p[h * gt * t..(h + 1) * gt * t], gt, t, hd, qh, kh, 1, hd);
         }
         let (scale, zero) = (T::from_f64(self.scale), T::from_f64(0.0));
-        let mut unused = vec![0.0; nkv * gt];
-        par_rows(&mut p, t, &mut unused, |first, rows, _| {
+        par_rows::<_, ()>(&mut p, t, |first, rows| {
             for (r, row) in rows.chunks_exact_mut(t).enumerate() {
                 let m = &mv[((first + r) % t) * t..][..t];
                 let mut max = T::from_f64(f64::NEG_INFINITY);
@@ -822,6 +825,7 @@ impl Attention {
                 }
                 row.iter_mut().for_each(|z| *z /= sum);
             }
+            Vec::new()
         });
         Tensor::from_vec(p, (nkv, gt, t), q.device())
     }
@@ -840,13 +844,13 @@ impl Attention {
             gemm_into(&mut ds[h * gt * t..(h + 1) * gt * t], gt, t, hd, gh, vh, 1, hd);
         }
         let scale = T::from_f64(self.scale);
-        let mut unused = vec![0.0; nkv * gt];
-        par_rows(&mut ds, t, &mut unused, |first, rows, _| {
+        par_rows::<_, ()>(&mut ds, t, |first, rows| {
             for (r, row) in rows.chunks_exact_mut(t).enumerate() {
                 let pr = &pv[(first + r) * t..][..t];
                 let dot = row.iter().zip(pr).fold(T::from_f64(0.0), |a, (&d, &p)| a + d * p);
                 row.iter_mut().zip(pr).for_each(|(d, &p)| *d = p * (*d - dot) * scale);
             }
+            Vec::new()
         });
         Tensor::from_vec(ds, (nkv, gt, t), p.device())
     }
