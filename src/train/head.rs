@@ -62,7 +62,12 @@ pub fn head_logprobs(
 
 /// The head from candle's ops: the reference of the CPU kernels and the GPU path.
 pub fn tensor_head(h: &Tensor, w: &Tensor, targets: &Tensor, inv_t: f64, softcap: f64) -> CResult<Tensor> {
-    let mut logits = frozen_linear(h, w)?;
+    logprobs_of_logits(frozen_linear(h, w)?, targets, inv_t, softcap)
+}
+
+/// Log-probs of `targets` from raw logits (n × vocab) by candle's ops: soft-cap, scale,
+/// log-softmax, the target's entry.
+pub fn logprobs_of_logits(mut logits: Tensor, targets: &Tensor, inv_t: f64, softcap: f64) -> CResult<Tensor> {
     if softcap > 0.0 {
         logits = ((logits / softcap)?.tanh()? * softcap)?;
     }

@@ -6,11 +6,11 @@
 //! `[tokens × vocab]` logits never exist for a whole sequence.
 
 use super::arch::{ArchConfig, Family};
-use super::head::head_logprobs;
+use super::head::{head_logprobs, logprobs_of_logits};
 use super::lora::{cerr, Lora, Target};
 use super::ops::{
-    attention_packed, checkpoint, frozen_linear, gelu_ggml_cpu, gelu_tanh, log_softmax_last, lora_linear, rms_norm,
-    rms_norm_fused, rope, rope_fused, rope_tables, softmax_last, swiglu, GradSink,
+    attention_packed, checkpoint, frozen_linear, gelu_ggml_cpu, gelu_tanh, lora_linear, rms_norm, rms_norm_fused, rope,
+    rope_fused, rope_tables, softmax_last, swiglu, GradSink,
 };
 use super::weights::{BlockWeights, Weights};
 use crate::{Error, Result};
@@ -213,11 +213,7 @@ fn block(
 /// Log-probs of `targets` from hidden states `h` (n × d) with candle's plain autograd (the
 /// baseline: its matmul also computes the output matrix's gradient).
 fn plain_head(h: &Tensor, output: &Tensor, targets: &Tensor, inv_t: f64, softcap: f64) -> CResult<Tensor> {
-    let mut logits = h.broadcast_matmul(&output.t()?)?;
-    if softcap > 0.0 {
-        logits = ((logits / softcap)?.tanh()? * softcap)?;
-    }
-    log_softmax_last(&(logits * inv_t)?)?.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
+    logprobs_of_logits(h.broadcast_matmul(&output.t()?)?, targets, inv_t, softcap)
 }
 
 /// RMS norm as one fused node, or as candle's primitive ops for the `plain` baseline.
