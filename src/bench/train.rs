@@ -7,6 +7,7 @@
 //! alone, and under a memory cap, so a variant that would exhaust the machine is stopped instead.
 
 use super::median;
+use crate::train::profile::{self, OpTime, Pass};
 use crate::train::{
     Aggregation, Batch, Completion, LoraConfig, Objective, Recompute, StepPhases, Target, Trainer, TrainerConfig,
 };
@@ -50,6 +51,10 @@ pub struct TrainArgs {
     /// Memory cap of each variant's process in MiB (0 = 90% of the memory available at start).
     #[arg(long, default_value_t = 0)]
     pub mem_cap_mib: u64,
+    /// Also time each fused op of gpo's variants (forward and backward) and print where the
+    /// step's time goes per op; the clock adds a little overhead to every op.
+    #[arg(long)]
+    pub ops: bool,
     /// Internal: measure only this variant and print its result as JSON (the child processes).
     #[arg(long, hide = true)]
     pub only: Option<Variant>,
@@ -104,6 +109,9 @@ pub struct Measured {
     /// What the row ran on (PEFT: torch version and threads).
     #[serde(default)]
     pub note: String,
+    /// Per-op wall time per step, averaged over the timed steps (`--ops`).
+    #[serde(default)]
+    pub ops: Vec<OpTime>,
 }
 
 /// Peak resident memory of this process, in MiB (Linux; 0 elsewhere). Each variant runs in its
@@ -143,6 +151,7 @@ pub fn fixed_batch(b: usize, t: usize, n_vocab: usize) -> Batch {
 fn measure(cfg: TrainerConfig, batch: &Batch, steps: usize, tokens: f64) -> Result<Measured> {
     let mut t = Trainer::new(cfg)?;
     t.step(batch)?;
+    profile::take();
     let (mut times, mut phases) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
     for _ in 0..steps {
         let t0 = Instant::now();
@@ -162,7 +171,13 @@ fn measure(cfg: TrainerConfig, batch: &Batch, steps: usize, tokens: f64) -> Resu
         recomputed: phases.first().is_some_and(|p| p.recomputed),
     };
     let step_s = median(&mut times);
+    let mut ops = profile::take();
+    for o in &mut ops {
+        o.seconds /= steps as f64;
+        o.calls /= steps as u64;
+    }
     Ok(Measured {
+        ops,
         step_s,
         tokens_per_s: tokens / step_s,
         peak_mib: peak_rss_mib(),
@@ -266,6 +281,7 @@ fn measure_peft(python: &Path, model: &Path, args: &TrainArgs, cap_mib: u64) -> 
         peak_mib: p.peak_mib,
         phases: None,
         note: format!("torch {}, {}, {} threads", p.torch, p.dtype, p.threads),
+        ops: Vec::new(),
     })
 }
 
@@ -280,6 +296,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     let tokens = (args.batch * args.tokens) as f64;
     if let Some(v) = args.only {
+        profile::set_enabled(args.ops);
         let cfg = TrainerConfig {
             model: model.clone(),
             objective: Objective::Grpo { clip: 0.2, aggregation: Aggregation::TokenMean },
@@ -352,6 +369,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         cmd.arg("--model").arg(&model);
         cmd.args(["-b", &args.batch.to_string(), "-t", &args.tokens.to_string(), "-r", &args.rank.to_string()]);
         cmd.args(["--steps", &args.steps.to_string(), "--device", &args.device]);
+        if args.ops {
+            cmd.arg("--ops");
+        }
         let measured = run_child(cmd, v.label(), cap).and_then(|json| {
             serde_json::from_str::<Measured>(&json).map_err(|e| Error::invalid("bench", format!("{json}: {e}")))
         });
@@ -389,5 +409,37 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             );
         }
     }
+    for (name, m) in rows.iter().filter(|(_, m)| !m.ops.is_empty()) {
+        print_ops(name, m);
+    }
     Ok(())
+}
+
+/// The per-op table of one variant: seconds per step in each op's forward and backward, and
+/// what the ops leave of the step (candle's graph: gradient sums, copies, reshapes; AdamW).
+fn print_ops(name: &str, m: &Measured) {
+    println!();
+    println!("per op, {name} (s per step; forwards inside recomputation count as forward):");
+    println!("| op | forward | backward | calls per step | share of step |");
+    println!("|---|---|---|---|---|");
+    let mut names: Vec<&str> = Vec::new();
+    for o in &m.ops {
+        if !names.contains(&o.op.as_str()) {
+            names.push(&o.op);
+        }
+    }
+    let per = |op: &str, pass: Pass| m.ops.iter().find(|o| o.op == op && o.pass == pass);
+    let mut total = 0.0;
+    for op in names {
+        let (f, b) = (per(op, Pass::Forward), per(op, Pass::Backward));
+        let (fs, bs) = (f.map_or(0.0, |o| o.seconds), b.map_or(0.0, |o| o.seconds));
+        let calls = f.or(b).map_or(0, |o| o.calls);
+        total += fs + bs;
+        println!("| {op} | {fs:.3} | {bs:.3} | {calls} | {:.0}% |", 100.0 * (fs + bs) / m.step_s);
+    }
+    let rest = (m.step_s - total).max(0.0);
+    println!(
+        "| everything else (candle's graph, copies, AdamW) | | | | {:.0}% ({rest:.2} s) |",
+        100.0 * rest / m.step_s
+    );
 }

@@ -196,21 +196,25 @@ impl CustomOp1 for HeadLogprobs {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let n = l.dims()[0];
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.cpu_forward::<f32>()?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.cpu_forward::<f64>()?),
-            _ => candle_core::bail!("head: the CPU kernel takes f32 or f64"),
-        };
-        Ok((out, Shape::from(n)))
+        super::profile::time("head-logprobs", super::profile::Pass::Forward, || {
+            let n = l.dims()[0];
+            let out = match s {
+                CpuStorage::F32(_) => CpuStorage::F32(self.cpu_forward::<f32>()?),
+                CpuStorage::F64(_) => CpuStorage::F64(self.cpu_forward::<f64>()?),
+                _ => candle_core::bail!("head: the CPU kernel takes f32 or f64"),
+            };
+            Ok((out, Shape::from(n)))
+        })
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let dh = match self.h.dtype() {
-            DType::F32 => self.cpu_backward::<f32>(grad)?,
-            _ => self.cpu_backward::<f64>(grad)?,
-        };
-        Ok(Some(dh))
+        super::profile::time("head-logprobs", super::profile::Pass::Backward, || {
+            let dh = match self.h.dtype() {
+                DType::F32 => self.cpu_backward::<f32>(grad)?,
+                _ => self.cpu_backward::<f64>(grad)?,
+            };
+            Ok(Some(dh))
+        })
     }
 }
 

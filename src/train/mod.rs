@@ -21,6 +21,7 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod profile;
 
 pub use data::{Batch, Completion, Labeled, Pair};
 pub use lora::{Lora, LoraConfig, Target};
