@@ -19,6 +19,7 @@
 //!
 //! The output head's log-probabilities are one node too, in [`super::head`].
 
+use super::profile::{self, Pass};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, TensorId, Var, D};
 use std::collections::HashMap;
@@ -72,11 +73,13 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let bmnk = self.bmnk(l)?;
-        let (xl, wtl) = self.layouts(l, bmnk)?;
-        let (ws, _) = self.w.storage_and_layout();
-        let Storage::Cpu(ws) = &*ws else { candle_core::bail!("frozen-linear: weight not on the CPU") };
-        Ok((s.matmul(ws, bmnk, &xl, &wtl)?, self.out_shape(l)))
+        profile::time("frozen-linear", Pass::Forward, || {
+            let bmnk = self.bmnk(l)?;
+            let (xl, wtl) = self.layouts(l, bmnk)?;
+            let (ws, _) = self.w.storage_and_layout();
+            let Storage::Cpu(ws) = &*ws else { candle_core::bail!("frozen-linear: weight not on the CPU") };
+            Ok((s.matmul(ws, bmnk, &xl, &wtl)?, self.out_shape(l)))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -89,9 +92,11 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let (n, _) = self.w.dims2()?;
-        let g = grad.reshape(((), n))?.matmul(&self.w)?;
-        Ok(Some(g.reshape(arg.shape())?))
+        profile::time("frozen-linear", Pass::Backward, || {
+            let (n, _) = self.w.dims2()?;
+            let g = grad.reshape(((), n))?.matmul(&self.w)?;
+            Ok(Some(g.reshape(arg.shape())?))
+        })
     }
 }
 
@@ -210,11 +215,11 @@ impl candle_core::CustomOp3 for LoraLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        match xs {
+        profile::time("lora-linear", Pass::Forward, || match xs {
             CpuStorage::F32(_) => self.cpu_forward::<f32>(xs, xl, a, al, b, bl),
             CpuStorage::F64(_) => self.cpu_forward::<f64>(xs, xl, a, al, b, bl),
             _ => cpu_of(output_storage(|| self.forward()), "lora-linear"),
-        }
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -238,17 +243,19 @@ impl candle_core::CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = grad.detach();
-        // X·Aᵀ is rows × r: recomputing it is cheaper than keeping it.
-        let u = self.x.matmul(&self.a.t()?)?;
-        let gu = (g.matmul(&self.b)? * self.scale)?;
-        let db = (g.t()?.matmul(&u)? * self.scale)?;
-        let da = gu.t()?.matmul(&self.x)?;
-        let dx = match sum_of_products(&g, &self.w, &gu, &self.a)? {
-            Some(dx) => dx,
-            None => (g.matmul(&self.w)? + gu.matmul(&self.a)?)?,
-        };
-        Ok((Some(dx), Some(da), Some(db)))
+        profile::time("lora-linear", Pass::Backward, || {
+            let g = grad.detach();
+            // X·Aᵀ is rows × r: recomputing it is cheaper than keeping it.
+            let u = self.x.matmul(&self.a.t()?)?;
+            let gu = (g.matmul(&self.b)? * self.scale)?;
+            let db = (g.t()?.matmul(&u)? * self.scale)?;
+            let da = gu.t()?.matmul(&self.x)?;
+            let dx = match sum_of_products(&g, &self.w, &gu, &self.a)? {
+                Some(dx) => dx,
+                None => (g.matmul(&self.w)? + gu.matmul(&self.a)?)?,
+            };
+            Ok((Some(dx), Some(da), Some(db)))
+        })
     }
 }
 
@@ -339,6 +346,76 @@ pub(crate) fn gemm_into<T: Real>(
             par,
         );
     }
+}
+
+/// `dst (+)= lhs · rhs` for a `rows × cols` block of `dst` with row stride `dst_rs`, where each
+/// operand is given as (elements, row stride, column stride), so transposed views cost nothing;
+/// `accumulate` adds into `dst` instead of overwriting it; `threads` > 1 lets gemm use the
+/// rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    rows: usize,
+    cols: usize,
+    inner: usize,
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    accumulate: bool,
+    threads: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    // The last element a (rows × cols) view with these strides touches, plus one.
+    let span = |r: usize, c: usize, rs: usize, cs: usize| (r - 1) * rs + (c - 1) * cs + 1;
+    assert!(dst.len() >= span(rows, cols, dst_rs, 1) && cols <= dst_rs.max(1));
+    if inner > 0 {
+        assert!(lhs.0.len() >= span(rows, inner, lhs.1, lhs.2) && rhs.0.len() >= span(inner, cols, rhs.1, rhs.2));
+    }
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices; the
+    // destination does not alias the operands (a unique borrow).
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            inner,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Runs `f` on every unit of work, the units dealt round-robin to candle's thread count (one
+/// thread each: a unit's gemms run single-threaded, so the cores never wait on each other
+/// inside a unit).
+pub(crate) fn par_units<U: Send>(units: Vec<U>, f: impl Fn(U) + Sync) {
+    let threads = candle_core::utils::get_num_threads().min(units.len()).max(1);
+    let mut groups: Vec<Vec<U>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, u) in units.into_iter().enumerate() {
+        groups[i % threads].push(u);
+    }
+    let f = &f;
+    std::thread::scope(|sc| {
+        for g in groups {
+            sc.spawn(move || g.into_iter().for_each(f));
+        }
+    });
 }
 
 /// Runs `f(first_row, rows)` over the rows of `buf` (each `width` wide) in contiguous groups on
@@ -513,7 +590,7 @@ impl CustomOp1 for Fused1 {
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        cpu_of(output_storage(|| (self.fwd)(&self.input)), self.name)
+        profile::time(self.name, Pass::Forward, || cpu_of(output_storage(|| (self.fwd)(&self.input)), self.name))
     }
 
     #[cfg(feature = "cuda")]
@@ -522,7 +599,7 @@ impl CustomOp1 for Fused1 {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some((self.bwd)(&self.input, &grad.detach())?))
+        profile::time(self.name, Pass::Backward, || Ok(Some((self.bwd)(&self.input, &grad.detach())?)))
     }
 }
 
@@ -553,7 +630,8 @@ pub fn rms_norm_fused(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
 /// graph keeps silu(g) and accumulates a gradient for both nodes. Backward:
 /// `dg = dy·u·σ(g)·(1 + g·(1 − σ(g)))`, `du = dy·silu(g)`. On the CPU (f32/f64, contiguous)
 /// forward and backward are one pass each over the elements, split across the cores, with
-/// candle's own formula for silu (bit-identical forward); elsewhere they run tensor ops.
+/// candle's own formula for silu (bit-identical forward in f64; f32 takes [`exp_f32`], within
+/// 2 ulp of libm's); elsewhere they run tensor ops.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
     if g.shape() != u.shape() {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", g.dims(), u.dims());
@@ -571,6 +649,12 @@ struct SwiGlu {
 pub(crate) trait Real: candle_core::WithDType + Send + Sync {
     fn exp(self) -> Self;
     fn tanh(self) -> Self;
+    /// `exp` where the last bits need not match libm's: [`exp_f32`] for f32, `exp` for f64.
+    fn exp_fast(self) -> Self;
+    /// `row = softmax(row·scale + mask)` in place; entries masked with −∞ become exactly 0.
+    /// f64: the tensor ops' arithmetic in their order (bit-identical); f32: vectorised, with
+    /// [`exp_f32`] (within 2 ulp) and sums in 8 lanes.
+    fn softmax_row(row: &mut [Self], mask: &[Self], scale: Self);
 }
 
 impl Real for f32 {
@@ -580,21 +664,108 @@ impl Real for f32 {
     fn tanh(self) -> f32 {
         f32::tanh(self)
     }
+    fn exp_fast(self) -> f32 {
+        exp_f32(self)
+    }
+    fn softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { softmax_row_f32_avx2(row, mask, scale) };
+        }
+        softmax_row_f32(row, mask, scale)
+    }
+}
+
+/// `exp(x)` for f32 without branches, so loops over it vectorise: Cody–Waite reduction by
+/// ln 2 and Cephes' degree-6 polynomial, within 2 ulp of `f32::exp` on [−87, 88] (inputs are
+/// clamped to that range: below it the result is ~1e-38 instead of a denormal or 0).
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer in the low bits.
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
+    let p =
+        ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.5;
+    let e = (r * r) * p + r + 1.0;
+    let k = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    e * f32::from_bits((k.wrapping_add(127) as u32) << 23)
+}
+
+#[inline(always)]
+fn softmax_row_f32(row: &mut [f32], mask: &[f32], scale: f32) {
+    const L: usize = 8;
+    let mask = &mask[..row.len()];
+    let split = row.len() / L * L;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    for (zs, ms) in row[..split].chunks_exact_mut(L).zip(mask.chunks_exact(L)) {
+        for l in 0..L {
+            let z = zs[l] * scale + ms[l];
+            zs[l] = z;
+            lanes[l] = if z > lanes[l] { z } else { lanes[l] };
+        }
+    }
+    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for (z, &m) in row[split..].iter_mut().zip(&mask[split..]) {
+        *z = *z * scale + m;
+        max = if *z > max { *z } else { max };
+    }
+    let mut sums = [0f32; L];
+    for (zs, ms) in row[..split].chunks_exact_mut(L).zip(mask.chunks_exact(L)) {
+        for l in 0..L {
+            let e = exp_f32(zs[l] - max);
+            zs[l] = if ms[l] == f32::NEG_INFINITY { 0.0 } else { e };
+            sums[l] += zs[l];
+        }
+    }
+    let mut sum = sums.iter().sum::<f32>();
+    for (z, &m) in row[split..].iter_mut().zip(&mask[split..]) {
+        *z = if m == f32::NEG_INFINITY { 0.0 } else { exp_f32(*z - max) };
+        sum += *z;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|z| *z *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_f32_avx2(row: &mut [f32], mask: &[f32], scale: f32) {
+    softmax_row_f32(row, mask, scale)
 }
 
 impl Real for f64 {
+    fn softmax_row(row: &mut [f64], mask: &[f64], scale: f64) {
+        let mut max = f64::NEG_INFINITY;
+        for (z, &m) in row.iter_mut().zip(mask) {
+            *z = (*z * scale + 0.0) + m;
+            if *z > max {
+                max = *z;
+            }
+        }
+        let mut sum = 0.0;
+        for z in row.iter_mut() {
+            *z = if *z == f64::NEG_INFINITY { 0.0 } else { (*z - max).exp() };
+            sum += *z;
+        }
+        row.iter_mut().for_each(|z| *z /= sum);
+    }
     fn exp(self) -> f64 {
         f64::exp(self)
     }
     fn tanh(self) -> f64 {
         f64::tanh(self)
     }
+    fn exp_fast(self) -> f64 {
+        f64::exp(self)
+    }
 }
 
-/// candle's silu, `v / (1 + e^(−v))`, and σ(v).
+/// candle's silu, `v / (1 + e^(−v))`, and σ(v) (the exponential from [`Real::exp_fast`]).
 fn silu_sigmoid<T: Real>(v: T) -> (T, T) {
     let one = T::from_f64(1.0);
-    let e = one + (T::from_f64(0.0) - v).exp();
+    let e = one + (T::from_f64(0.0) - v).exp_fast();
     (v / e, one / e)
 }
 
@@ -673,12 +844,18 @@ impl candle_core::CustomOp2 for SwiGlu {
     }
 
     fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let out = match g {
-            CpuStorage::F32(_) if gl.is_contiguous() && ul.is_contiguous() => self.cpu_forward::<f32>(g, gl, u, ul)?,
-            CpuStorage::F64(_) if gl.is_contiguous() && ul.is_contiguous() => self.cpu_forward::<f64>(g, gl, u, ul)?,
-            _ => return cpu_of(output_storage(|| self.forward()), "swiglu"),
-        };
-        Ok((out, gl.shape().clone()))
+        profile::time("swiglu", Pass::Forward, || {
+            let out = match g {
+                CpuStorage::F32(_) if gl.is_contiguous() && ul.is_contiguous() => {
+                    self.cpu_forward::<f32>(g, gl, u, ul)?
+                }
+                CpuStorage::F64(_) if gl.is_contiguous() && ul.is_contiguous() => {
+                    self.cpu_forward::<f64>(g, gl, u, ul)?
+                }
+                _ => return cpu_of(output_storage(|| self.forward()), "swiglu"),
+            };
+            Ok((out, gl.shape().clone()))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -693,20 +870,69 @@ impl candle_core::CustomOp2 for SwiGlu {
     }
 
     fn bwd(&self, _g: &Tensor, _u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let dy = grad.detach();
-        let (dg, du) = match (dy.device().is_cpu(), dy.dtype()) {
-            (true, DType::F32) => self.cpu_backward::<f32>(&dy)?,
-            (true, DType::F64) => self.cpu_backward::<f64>(&dy)?,
-            _ => self.tensor_backward(&dy)?,
-        };
-        Ok((Some(dg), Some(du)))
+        profile::time("swiglu", Pass::Backward, || {
+            let dy = grad.detach();
+            let (dg, du) = match (dy.device().is_cpu(), dy.dtype()) {
+                (true, DType::F32) => self.cpu_backward::<f32>(&dy)?,
+                (true, DType::F64) => self.cpu_backward::<f64>(&dy)?,
+                _ => self.tensor_backward(&dy)?,
+            };
+            Ok((Some(dg), Some(du)))
+        })
     }
 }
 
 /// [`rope`] as one node: the backward is the inverse rotation (the same rope with `−sin`).
 pub fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> CResult<Tensor> {
     let (cf, sf, cb, sb) = (cos.clone(), sin.clone(), cos.clone(), sin.neg()?);
-    fused1(x, "rope", Box::new(move |x| rope(x, &cf, &sf, neox)), Box::new(move |_, g| rope(g, &cb, &sb, neox)))
+    fused1(
+        x,
+        "rope",
+        Box::new(move |x| rope_kernel(x, &cf, &sf, neox)),
+        Box::new(move |_, g| rope_kernel(g, &cb, &sb, neox)),
+    )
+}
+
+/// [`rope`] on the CPU (f32/f64) as one pass over the rows, split across the cores, with the
+/// same products and sums per element (bit-identical); the tensor ops elsewhere.
+fn rope_kernel(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> CResult<Tensor> {
+    fn run<T: Real>(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> CResult<Tensor> {
+        let (h, t, d) = x.dims3()?;
+        let half = d / 2;
+        if cos.dims2()? != (t, half) || sin.dims2()? != (t, half) || d % 2 != 0 {
+            candle_core::bail!("rope: x {:?} against tables {:?}", x.dims(), cos.dims());
+        }
+        let x = x.contiguous()?;
+        let ((xs, xl), (cs, cl), (ss, sl)) =
+            (x.storage_and_layout(), cos.storage_and_layout(), sin.storage_and_layout());
+        let xv = cpu_elems::<T>(&xs, xl, h * t * d, "rope")?;
+        let (cv, sv) = (cpu_elems::<T>(&cs, cl, t * half, "rope")?, cpu_elems::<T>(&ss, sl, t * half, "rope")?);
+        let mut out = vec![T::from_f64(0.0); h * t * d];
+        par_rows::<_, ()>(&mut out, d, |first, rows| {
+            for (r, o) in rows.chunks_exact_mut(d).enumerate() {
+                let (row, p) = (first + r, (first + r) % t);
+                let xr = &xv[row * d..][..d];
+                let (c, s) = (&cv[p * half..][..half], &sv[p * half..][..half]);
+                for i in 0..half {
+                    let (a, b) = if neox { (xr[i], xr[half + i]) } else { (xr[2 * i], xr[2 * i + 1]) };
+                    let (r0, r1) = (a * c[i] - b * s[i], a * s[i] + b * c[i]);
+                    if neox {
+                        (o[i], o[half + i]) = (r0, r1);
+                    } else {
+                        (o[2 * i], o[2 * i + 1]) = (r0, r1);
+                    }
+                }
+            }
+            Vec::new()
+        });
+        Tensor::from_vec(out, (h, t, d), x.device())
+    }
+    let contiguous_tables = cos.is_contiguous() && sin.is_contiguous();
+    match (x.device().is_cpu() && contiguous_tables, x.dtype()) {
+        (true, DType::F32) => run::<f32>(x, cos, sin, neox),
+        (true, DType::F64) => run::<f64>(x, cos, sin, neox),
+        _ => rope(x, cos, sin, neox),
+    }
 }
 
 /// Masked scaled-dot-product attention of one sequence, `softmax(q·kᵀ·scale + mask)·v` for
@@ -791,89 +1017,159 @@ impl Attention {
         x.reshape((nkv * self.group(), t, d))
     }
 
-    /// Attention probabilities of one sequence on the CPU: `q·kᵀ` per KV head by gemm into one
-    /// buffer, then per row one kernel for `softmax(s·scale + mask)` in place — the same
-    /// arithmetic in the same order as the tensor ops (bit-identical in f64), without their five
-    /// intermediate [heads × t × t] tensors. Masked (−∞) entries skip the exponential.
-    fn cpu_probs<T: Real>(&self, q: &Tensor, k: &Tensor, mask: &Tensor) -> CResult<Tensor> {
-        let ((nkv, gt, hd), (_, t, _)) = (q.dims3()?, k.dims3()?);
-        let ((qs, ql), (ks, kl), (ms, ml)) =
-            (q.storage_and_layout(), k.storage_and_layout(), mask.storage_and_layout());
-        let qv = cpu_elems::<T>(&qs, ql, nkv * gt * hd, "attention")?;
-        let kv = cpu_elems::<T>(&ks, kl, nkv * t * hd, "attention")?;
-        let mv = cpu_elems::<T>(&ms, ml, t * t, "attention mask")?;
-        let mut p = vec![T::from_f64(0.0); nkv * gt * t];
-        for h in 0..nkv {
-            let (qh, kh) = (&qv[h * gt * hd..(h + 1) * gt * hd], &kv[h * t * hd..(h + 1) * t * hd]);
-            gemm_into(&mut p[h * gt * t..(h + 1) * gt * t], gt, t, hd, qh, kh, 1, hd);
-        }
-        let (scale, zero) = (T::from_f64(self.scale), T::from_f64(0.0));
-        par_rows::<_, ()>(&mut p, t, |first, rows| {
-            for (r, row) in rows.chunks_exact_mut(t).enumerate() {
-                let m = &mv[((first + r) % t) * t..][..t];
-                let mut max = T::from_f64(f64::NEG_INFINITY);
-                for (z, &m) in row.iter_mut().zip(m) {
-                    *z = (*z * scale + zero) + m;
-                    if *z > max {
-                        max = *z;
-                    }
-                }
-                let mut sum = zero;
-                for z in row.iter_mut() {
-                    *z = if z.to_f64() == f64::NEG_INFINITY { zero } else { (*z - max).exp() };
-                    sum += *z;
-                }
-                row.iter_mut().for_each(|z| *z /= sum);
+    /// The forward on the CPU: one unit of work per (sequence, query head), spread over the
+    /// cores, each on one thread: `s = q·kᵀ` by gemm into that head's block of the sequence's
+    /// probability buffer, `softmax(s·scale + mask)` in place row by row (masked entries are
+    /// exactly 0), then `p·v` by gemm straight into the head's rows of the output. No copies of
+    /// q, k or v and no per-sequence temporaries; the probabilities are kept for the backward,
+    /// per sequence as (kv_heads, group·t, t) like the tensor path's.
+    fn cpu_forward<T: Real>(&self) -> CResult<Tensor> {
+        let ((nh, total, hd), nkv) = (self.q.dims3()?, self.k.dims()[0]);
+        let group = nh / nkv;
+        let ((qs, ql), (ks, kl), (vs, vl)) =
+            (self.q.storage_and_layout(), self.k.storage_and_layout(), self.v.storage_and_layout());
+        let q = cpu_elems::<T>(&qs, ql, nh * total * hd, "attention")?;
+        let k = cpu_elems::<T>(&ks, kl, nkv * total * hd, "attention")?;
+        let v = cpu_elems::<T>(&vs, vl, nkv * total * hd, "attention")?;
+        let segs: Vec<(usize, usize, &Tensor)> = self.segments().collect();
+        let guards: Vec<_> = segs.iter().map(|(_, _, m)| m.storage_and_layout()).collect();
+        let masks = segs
+            .iter()
+            .zip(&guards)
+            .map(|((_, t, _), (ms, ml))| cpu_elems::<T>(ms, ml, t * t, "attention mask"))
+            .collect::<CResult<Vec<_>>>()?;
+        let mut out = vec![T::from_f64(0.0); nh * total * hd];
+        let mut probs: Vec<Vec<T>> = segs.iter().map(|(_, t, _)| vec![T::from_f64(0.0); nh * t * t]).collect();
+        // Units (sequence, head): the head's rows of the output and its block of probabilities.
+        let mut units = Vec::with_capacity(segs.len() * nh);
+        // What is left of each head's rows of the output, consumed sequence by sequence.
+        let mut rest: Vec<&mut [T]> = out.chunks_mut(total * hd).collect();
+        for (si, ((s, t, _), p)) in segs.iter().zip(probs.iter_mut()).enumerate() {
+            for (h, (ph, oh)) in p.chunks_mut(t * t).zip(rest.iter_mut()).enumerate() {
+                let (o, tail) = std::mem::take(oh).split_at_mut(t * hd);
+                *oh = tail;
+                units.push((si, *s, *t, h, o, ph));
             }
-            Vec::new()
-        });
-        Tensor::from_vec(p, (nkv, gt, t), q.device())
-    }
-
-    /// `ds = p ⊙ (dp − Σ_j dp·p)·scale` for one sequence on the CPU, `dp = g·vᵀ` by gemm into
-    /// the buffer that becomes ds: one pass per row instead of four tensor ops.
-    fn cpu_dscores<T: Real>(&self, p: &Tensor, g: &Tensor, v: &Tensor) -> CResult<Tensor> {
-        let ((nkv, gt, t), (_, _, hd)) = (p.dims3()?, v.dims3()?);
-        let ((ps, pl), (gs, gl), (vs, vl)) = (p.storage_and_layout(), g.storage_and_layout(), v.storage_and_layout());
-        let pv = cpu_elems::<T>(&ps, pl, nkv * gt * t, "attention backward")?;
-        let gv = cpu_elems::<T>(&gs, gl, nkv * gt * hd, "attention backward")?;
-        let vv = cpu_elems::<T>(&vs, vl, nkv * t * hd, "attention backward")?;
-        let mut ds = vec![T::from_f64(0.0); nkv * gt * t];
-        for h in 0..nkv {
-            let (gh, vh) = (&gv[h * gt * hd..(h + 1) * gt * hd], &vv[h * t * hd..(h + 1) * t * hd]);
-            gemm_into(&mut ds[h * gt * t..(h + 1) * gt * t], gt, t, hd, gh, vh, 1, hd);
         }
         let scale = T::from_f64(self.scale);
-        par_rows::<_, ()>(&mut ds, t, |first, rows| {
-            for (r, row) in rows.chunks_exact_mut(t).enumerate() {
-                let pr = &pv[(first + r) * t..][..t];
-                let dot = row.iter().zip(pr).fold(T::from_f64(0.0), |a, (&d, &p)| a + d * p);
-                row.iter_mut().zip(pr).for_each(|(d, &p)| *d = p * (*d - dot) * scale);
+        par_units(units, |(si, s, t, h, o, p)| {
+            let kv = h / group;
+            let qh = &q[(h * total + s) * hd..][..t * hd];
+            let (kh, vh) = (&k[(kv * total + s) * hd..][..t * hd], &v[(kv * total + s) * hd..][..t * hd]);
+            gemm_strided(p, t, t, t, hd, (qh, hd, 1), (kh, 1, hd), false, 1);
+            for (row, m) in p.chunks_exact_mut(t).zip(masks[si].chunks_exact(t)) {
+                T::softmax_row(row, m, scale);
             }
-            Vec::new()
+            gemm_strided(o, hd, t, hd, t, (p, t, 1), (vh, hd, 1), false, 1);
         });
-        Tensor::from_vec(ds, (nkv, gt, t), p.device())
+        let dev = self.q.device();
+        let probs = segs
+            .iter()
+            .zip(probs)
+            .map(|((_, t, _), p)| Tensor::from_vec(p, (nkv, group * t, *t), dev))
+            .collect::<CResult<Vec<_>>>()?;
+        *self.probs.lock().expect("attention probabilities poisoned") = Some(probs);
+        Tensor::from_vec(out, (nh, total, hd), dev)
     }
 
+    /// The backward on the CPU: one unit per (sequence, KV head), each on one thread, looping
+    /// over its query heads: `dv += pᵀ·g`, `ds = p ⊙ (g·vᵀ − Σ_j (g·vᵀ)·p)·scale` in one
+    /// buffer, `dq = ds·k` into the head's rows, `dk += dsᵀ·q`, all by gemm on the kept
+    /// probabilities, straight into the gradients' rows.
+    fn cpu_backward<T: Real>(&self, probs: &[Tensor], grad: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
+        let ((nh, total, hd), nkv) = (self.q.dims3()?, self.k.dims()[0]);
+        let group = nh / nkv;
+        let grad = grad.contiguous()?;
+        let ((qs, ql), (ks, kl), (vs, vl), (gs, gl)) = (
+            self.q.storage_and_layout(),
+            self.k.storage_and_layout(),
+            self.v.storage_and_layout(),
+            grad.storage_and_layout(),
+        );
+        let q = cpu_elems::<T>(&qs, ql, nh * total * hd, "attention backward")?;
+        let k = cpu_elems::<T>(&ks, kl, nkv * total * hd, "attention backward")?;
+        let v = cpu_elems::<T>(&vs, vl, nkv * total * hd, "attention backward")?;
+        let g = cpu_elems::<T>(&gs, gl, nh * total * hd, "attention backward")?;
+        let segs: Vec<(usize, usize, &Tensor)> = self.segments().collect();
+        let pguards: Vec<_> = probs.iter().map(|p| p.storage_and_layout()).collect();
+        let ps = segs
+            .iter()
+            .zip(&pguards)
+            .map(|((_, t, _), (s, l))| cpu_elems::<T>(s, l, nh * t * t, "attention backward"))
+            .collect::<CResult<Vec<_>>>()?;
+        let zero = T::from_f64(0.0);
+        let (mut dq, mut dk, mut dv) =
+            (vec![zero; nh * total * hd], vec![zero; nkv * total * hd], vec![zero; nkv * total * hd]);
+        // Rows of one head of a (heads, total, hd) buffer, per sequence, in sequence order.
+        fn rows_of<'a, T>(
+            buf: &'a mut [T],
+            heads: usize,
+            total: usize,
+            hd: usize,
+            segs: &[(usize, usize, &Tensor)],
+        ) -> Vec<Vec<&'a mut [T]>> {
+            let mut per_head: Vec<Vec<&mut [T]>> = Vec::with_capacity(heads);
+            for mut head in buf.chunks_mut(total * hd) {
+                let mut parts = Vec::with_capacity(segs.len());
+                for (_, t, _) in segs {
+                    let (a, b) = std::mem::take(&mut head).split_at_mut(t * hd);
+                    parts.push(a);
+                    head = b;
+                }
+                per_head.push(parts);
+            }
+            per_head
+        }
+        let mut dq_rows = rows_of(&mut dq, nh, total, hd, &segs);
+        let mut dk_rows = rows_of(&mut dk, nkv, total, hd, &segs);
+        let mut dv_rows = rows_of(&mut dv, nkv, total, hd, &segs);
+        let mut units = Vec::with_capacity(segs.len() * nkv);
+        for (si, (s, t, _)) in segs.iter().enumerate() {
+            for kv in 0..nkv {
+                let dqs: Vec<&mut [T]> =
+                    (kv * group..(kv + 1) * group).map(|h| std::mem::take(&mut dq_rows[h][si])).collect();
+                let dks = std::mem::take(&mut dk_rows[kv][si]);
+                let dvs = std::mem::take(&mut dv_rows[kv][si]);
+                units.push((si, *s, *t, kv, dqs, dks, dvs));
+            }
+        }
+        let scale = T::from_f64(self.scale);
+        par_units(units, |(si, s, t, kv, dqs, dks, dvs)| {
+            let (kh, vh) = (&k[(kv * total + s) * hd..][..t * hd], &v[(kv * total + s) * hd..][..t * hd]);
+            let mut ds = vec![zero; t * t];
+            for (j, dqh) in dqs.into_iter().enumerate() {
+                let h = kv * group + j;
+                let (qh, gh) = (&q[(h * total + s) * hd..][..t * hd], &g[(h * total + s) * hd..][..t * hd]);
+                let p = &ps[si][h * t * t..][..t * t];
+                gemm_strided(dvs, hd, t, hd, t, (p, 1, t), (gh, hd, 1), j > 0, 1);
+                gemm_strided(&mut ds, t, t, t, hd, (gh, hd, 1), (vh, 1, hd), false, 1);
+                for (row, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                    let dot = row.iter().zip(pr).fold(zero, |a, (&d, &p)| a + d * p);
+                    row.iter_mut().zip(pr).for_each(|(d, &p)| *d = p * (*d - dot) * scale);
+                }
+                gemm_strided(dqh, hd, t, hd, t, (&ds, t, 1), (kh, hd, 1), false, 1);
+                gemm_strided(dks, hd, t, hd, t, (&ds, 1, t), (qh, hd, 1), j > 0, 1);
+            }
+        });
+        let dev = self.q.device();
+        Ok((
+            Tensor::from_vec(dq, (nh, total, hd), dev)?,
+            Tensor::from_vec(dk, (nkv, total, hd), dev)?,
+            Tensor::from_vec(dv, (nkv, total, hd), dev)?,
+        ))
+    }
+
+    /// The forward from tensor ops (GPU, half precision), per sequence.
     fn forward(&self) -> CResult<Tensor> {
-        self.forward_with(|this, q, k, mask| {
-            let g = this.group();
-            let (nkv, t) = (k.dim(0)?, k.dim(1)?);
-            let scores = (q.matmul(&k.t()?)? * this.scale)?;
-            let scores = scores.reshape((nkv, g, t, t))?.broadcast_add(mask)?.reshape((nkv, g * t, t))?;
-            softmax_last(&scores)
-        })
-    }
-
-    /// The forward with `probs(self, q, k, mask)` giving one sequence's attention
-    /// probabilities (kv_heads, group·t, t) from its grouped queries and its keys.
-    fn forward_with(&self, probs_of: impl Fn(&Self, &Tensor, &Tensor, &Tensor) -> CResult<Tensor>) -> CResult<Tensor> {
         let seg = |x: &Tensor, s: usize, t: usize| x.narrow(1, s, t)?.contiguous();
         let mut outs = Vec::with_capacity(self.masks.len());
         let mut probs = Vec::with_capacity(self.masks.len());
         for (s, t, mask) in self.segments() {
             let (q, k, v) = (self.grouped(&self.q, s, t)?, seg(&self.k, s, t)?, seg(&self.v, s, t)?);
-            let p = probs_of(self, &q, &k, mask)?;
+            let (nkv, g) = (k.dim(0)?, self.group());
+            let scores = (q.matmul(&k.t()?)? * self.scale)?;
+            let scores = scores.reshape((nkv, g, t, t))?.broadcast_add(mask)?.reshape((nkv, g * t, t))?;
+            let p = softmax_last(&scores)?;
             outs.push(self.ungrouped(&p.matmul(&v)?, t)?);
             probs.push(p);
         }
@@ -906,11 +1202,11 @@ impl candle_core::CustomOp3 for Attention {
         _: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let forward = || match self.q.dtype() {
-            DType::F32 => self.forward_with(Attention::cpu_probs::<f32>),
-            DType::F64 => self.forward_with(Attention::cpu_probs::<f64>),
+            DType::F32 => self.cpu_forward::<f32>(),
+            DType::F64 => self.cpu_forward::<f64>(),
             _ => self.forward(),
         };
-        cpu_of(output_storage(forward), "attention")
+        profile::time("attention", Pass::Forward, || cpu_of(output_storage(forward), "attention"))
     }
 
     #[cfg(feature = "cuda")]
@@ -934,28 +1230,35 @@ impl candle_core::CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        profile::time("attention", Pass::Backward, || self.backward(grad))
+    }
+}
+
+impl Attention {
+    /// Gradients of q, k and v from the kept probabilities.
+    fn backward(&self, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let probs = match self.probs.lock().expect("attention probabilities poisoned").clone() {
             Some(p) => p,
             None => candle_core::bail!("attention: backward before forward"),
         };
-        let seg = |x: &Tensor, s: usize, t: usize| x.narrow(1, s, t)?.contiguous();
         let g_all = grad.detach();
+        let cpu = match (g_all.device().is_cpu(), g_all.dtype()) {
+            (true, DType::F32) => Some(self.cpu_backward::<f32>(&probs, &g_all)?),
+            (true, DType::F64) => Some(self.cpu_backward::<f64>(&probs, &g_all)?),
+            _ => None,
+        };
+        if let Some((dq, dk, dv)) = cpu {
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
+        let seg = |x: &Tensor, s: usize, t: usize| x.narrow(1, s, t)?.contiguous();
         let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
         for ((s, t, _), p) in self.segments().zip(&probs) {
             let (q, k, v) = (self.grouped(&self.q, s, t)?, seg(&self.k, s, t)?, seg(&self.v, s, t)?);
             let g = self.grouped(&g_all, s, t)?;
             dvs.push(p.t()?.matmul(&g)?);
-            // ds carries the scale on the CPU path (scaled once instead of dq and dk).
-            let (ds, scale) = match (g.device().is_cpu(), g.dtype()) {
-                (true, DType::F32) => (self.cpu_dscores::<f32>(p, &g, &v)?, 1.0),
-                (true, DType::F64) => (self.cpu_dscores::<f64>(p, &g, &v)?, 1.0),
-                _ => {
-                    let dp = g.matmul(&v.t()?)?;
-                    ((p * dp.broadcast_sub(&(&dp * p)?.sum_keepdim(D::Minus1)?)?)?, self.scale)
-                }
-            };
-            let (dq, dk) = (ds.matmul(&k)?, ds.t()?.matmul(&q)?);
-            let (dq, dk) = if scale == 1.0 { (dq, dk) } else { ((dq * scale)?, (dk * scale)?) };
+            let dp = g.matmul(&v.t()?)?;
+            let ds = (p * dp.broadcast_sub(&(&dp * p)?.sum_keepdim(D::Minus1)?)?)?;
+            let (dq, dk) = ((ds.matmul(&k)? * self.scale)?, (ds.t()?.matmul(&q)? * self.scale)?);
             dqs.push(self.ungrouped(&dq, t)?);
             dks.push(dk);
         }
@@ -1195,6 +1498,17 @@ mod tests {
             |x| plain(&[x[0].clone(), expand(&x[1]), expand(&x[2])]),
             |x| attention(&x[0], &x[1], &x[2], &mask, 0.35).unwrap(),
         );
+        // Packed: sequences of 6 and 4 positions (GQA) against each sequence on its own.
+        let mask4 = mask.narrow(0, 0, 4).unwrap().narrow(1, 0, 4).unwrap().contiguous().unwrap();
+        let per_seq = |x: &[Tensor]| {
+            let part = |z: &Tensor, s: usize, t: usize| z.narrow(1, s, t).unwrap().contiguous().unwrap();
+            let a = attention(&part(&x[0], 0, 6), &part(&x[1], 0, 6), &part(&x[2], 0, 6), &mask, 0.35).unwrap();
+            let b = attention(&part(&x[0], 6, 4), &part(&x[1], 6, 4), &part(&x[2], 6, 4), &mask4, 0.35).unwrap();
+            Tensor::cat(&[a, b], 1).unwrap()
+        };
+        same_as_plain(&[randn(&[6, 10, 4], 10), randn(&[2, 10, 4], 11), randn(&[2, 10, 4], 12)], per_seq, |x| {
+            attention_packed(&x[0], &x[1], &x[2], &[mask.clone(), mask4.clone()], 0.35).unwrap()
+        });
         let bad = attention(&randn(&[6, 6, 4], 7), &randn(&[4, 6, 4], 8), &randn(&[4, 6, 4], 9), &mask, 0.35);
         assert!(bad.unwrap_err().to_string().contains("do not divide"));
     }
@@ -1224,6 +1538,42 @@ mod tests {
                 |x| (x[0].silu().unwrap() * &x[1]).unwrap(),
                 |x| swiglu(&x[0], &x[1]).unwrap(),
             );
+        }
+    }
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_and_f32_attention_follows_f64() {
+        let mut worst = 0u32;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let (a, b) = (exp_f32(x), x.exp());
+            worst = worst.max((a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32);
+        }
+        assert!(worst <= 2, "exp_f32 is {worst} ulp off");
+        assert_eq!(exp_f32(0.0), 1.0);
+        // The f32 kernels (vectorised softmax) against the f64 ones, forward and gradients.
+        let mask = Tensor::from_vec(
+            (0..81).map(|i| if i % 9 > i / 9 { f64::NEG_INFINITY } else { 0.0 }).collect::<Vec<_>>(),
+            (9, 9),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let inputs = [randn(&[4, 9, 8], 21), randn(&[2, 9, 8], 22), randn(&[2, 9, 8], 23)];
+        let run = |dt: DType| {
+            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap()).collect();
+            let m = mask.to_dtype(dt).unwrap();
+            let y = attention(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), &m, 0.35).unwrap();
+            let w = Tensor::arange(0.0, y.elem_count() as f64, &Device::Cpu).unwrap().reshape(y.shape()).unwrap();
+            let w = (w * 0.37).unwrap().sin().unwrap().to_dtype(dt).unwrap();
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let mut all = flat(&y);
+            vars.iter().for_each(|v| all.extend(flat(g.get(v.as_tensor()).unwrap())));
+            all
+        };
+        let (a, b) = (run(DType::F64), run(DType::F32));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "f64 {x} vs f32 {y}");
         }
     }
 
