@@ -189,15 +189,63 @@ impl LoraLinear {
             Some((s, l)) => Some(cpu_elems::<T>(s, l, n, "lora-linear bias")?),
             None => None,
         };
-        for (yr, dr) in y.chunks_exact_mut(n).zip(d.chunks_exact(n)) {
-            match bias {
-                Some(bias) => {
-                    yr.iter_mut().zip(dr).zip(bias).for_each(|((y, &d), &c)| *y = (*y + c) + (d * mul + zero))
+        par_rows::<_, ()>(&mut y, n, |first, rows| {
+            for (yr, dr) in rows.chunks_exact_mut(n).zip(d[first * n..].chunks_exact(n)) {
+                match bias {
+                    Some(bias) => {
+                        yr.iter_mut().zip(dr).zip(bias).for_each(|((y, &d), &c)| *y = (*y + c) + (d * mul + zero))
+                    }
+                    None => yr.iter_mut().zip(dr).for_each(|(y, &d)| *y += d * mul + zero),
                 }
-                None => yr.iter_mut().zip(dr).for_each(|(y, &d)| *y += d * mul + zero),
             }
-        }
+            Vec::new()
+        });
         Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
+    }
+}
+
+impl LoraLinear {
+    /// The backward on the CPU, every product by gemm into its own buffer on candle's thread
+    /// count, scales folded into the gemms and `dX = dY·W + (scale·dY·B)·A` accumulated in
+    /// place: no candle temporaries, transposes or element-wise passes.
+    fn cpu_backward<T: Real>(&self, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let ((m, k), (r, _), (n, _)) = (self.x.dims2()?, self.a.dims2()?, self.b.dims2()?);
+        let ((xs, xl), (ws, wl), (as_, al), (bs, bl), (gs, gl)) = (
+            self.x.storage_and_layout(),
+            self.w.storage_and_layout(),
+            self.a.storage_and_layout(),
+            self.b.storage_and_layout(),
+            g.storage_and_layout(),
+        );
+        let x = cpu_elems::<T>(&xs, xl, m * k, "lora-linear backward")?;
+        let w = cpu_elems::<T>(&ws, wl, n * k, "lora-linear backward")?;
+        let a = cpu_elems::<T>(&as_, al, r * k, "lora-linear backward")?;
+        let b = cpu_elems::<T>(&bs, bl, n * r, "lora-linear backward")?;
+        let gv = cpu_elems::<T>(&gs, gl, m * n, "lora-linear backward")?;
+        let threads = candle_core::utils::get_num_threads();
+        let (zero, one, scale) = (T::from_f64(0.0), T::from_f64(1.0), T::from_f64(self.scale));
+        // X·Aᵀ (m × r): recomputing it is cheaper than keeping it.
+        let mut u = vec![zero; m * r];
+        gemm_strided(&mut u, r, m, r, k, (x, k, 1), (a, 1, k), false, one, threads);
+        // scale·dY·B (m × r).
+        let mut gu = vec![zero; m * r];
+        gemm_strided(&mut gu, r, m, r, n, (gv, n, 1), (b, r, 1), false, scale, threads);
+        // dB = scale·dYᵀ·U (n × r), dA = GUᵀ·X (r × k).
+        let mut db = vec![zero; n * r];
+        gemm_strided(&mut db, r, n, r, m, (gv, 1, n), (&u, r, 1), false, scale, threads);
+        let mut da = vec![zero; r * k];
+        gemm_strided(&mut da, k, r, k, m, (&gu, 1, r), (x, k, 1), false, one, threads);
+        // dX = dY·W + GU·A (m × k).
+        let mut dx = vec![zero; m * k];
+        gemm_strided(&mut dx, k, m, k, n, (gv, n, 1), (w, k, 1), false, one, threads);
+        gemm_strided(&mut dx, k, m, k, r, (&gu, r, 1), (a, k, 1), true, one, threads);
+        let dev = self.x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), dev)?),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(db, (n, r), dev)?),
+        ))
     }
 }
 
@@ -245,49 +293,19 @@ impl candle_core::CustomOp3 for LoraLinear {
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         profile::time("lora-linear", Pass::Backward, || {
             let g = grad.detach();
+            match (g.device().is_cpu(), g.dtype()) {
+                (true, DType::F32) => return self.cpu_backward::<f32>(&g),
+                (true, DType::F64) => return self.cpu_backward::<f64>(&g),
+                _ => {}
+            }
             // X·Aᵀ is rows × r: recomputing it is cheaper than keeping it.
             let u = self.x.matmul(&self.a.t()?)?;
             let gu = (g.matmul(&self.b)? * self.scale)?;
             let db = (g.t()?.matmul(&u)? * self.scale)?;
             let da = gu.t()?.matmul(&self.x)?;
-            let dx = match sum_of_products(&g, &self.w, &gu, &self.a)? {
-                Some(dx) => dx,
-                None => (g.matmul(&self.w)? + gu.matmul(&self.a)?)?,
-            };
+            let dx = (g.matmul(&self.w)? + gu.matmul(&self.a)?)?;
             Ok((Some(dx), Some(da), Some(db)))
         })
-    }
-}
-
-/// `p·q + r·s` for 2-D CPU tensors (f32 or f64, contiguous), the second product added into the
-/// first in place (one [rows × cols] buffer instead of three); None where that does not apply.
-fn sum_of_products(p: &Tensor, q: &Tensor, r: &Tensor, s: &Tensor) -> CResult<Option<Tensor>> {
-    fn mm(a: &Tensor, b: &Tensor) -> CResult<Option<CpuStorage>> {
-        let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
-        let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
-        match (&*sa, &*sb) {
-            (Storage::Cpu(x), Storage::Cpu(y)) if k == k2 && la.is_contiguous() && lb.is_contiguous() => {
-                Ok(Some(x.matmul(y, (1, m, n, k), la, lb)?))
-            }
-            _ => Ok(None),
-        }
-    }
-    fn add<T: candle_core::WithDType>(
-        a: CpuStorage,
-        b: &CpuStorage,
-        shape: (usize, usize),
-        dev: &candle_core::Device,
-    ) -> CResult<Tensor> {
-        let mut a = T::cpu_storage_data(a)?;
-        a.iter_mut().zip(T::cpu_storage_as_slice(b)?).for_each(|(x, &y)| *x += y);
-        Tensor::from_vec(a, shape, dev)
-    }
-    let shape = (p.dim(0)?, q.dim(1)?);
-    let (Some(a), Some(b)) = (mm(p, q)?, mm(r, s)?) else { return Ok(None) };
-    match (&a, &b) {
-        (CpuStorage::F32(_), CpuStorage::F32(_)) => add::<f32>(a, &b, shape, p.device()).map(Some),
-        (CpuStorage::F64(_), CpuStorage::F64(_)) => add::<f64>(a, &b, shape, p.device()).map(Some),
-        _ => Ok(None),
     }
 }
 
@@ -348,10 +366,10 @@ pub(crate) fn gemm_into<T: Real>(
     }
 }
 
-/// `dst (+)= lhs · rhs` for a `rows × cols` block of `dst` with row stride `dst_rs`, where each
-/// operand is given as (elements, row stride, column stride), so transposed views cost nothing;
-/// `accumulate` adds into `dst` instead of overwriting it; `threads` > 1 lets gemm use the
-/// rayon pool.
+/// `dst (+)= beta · lhs · rhs` for a `rows × cols` block of `dst` with row stride `dst_rs`,
+/// where each operand is given as (elements, row stride, column stride), so transposed views
+/// cost nothing; `accumulate` adds into `dst` instead of overwriting it; `threads` > 1 lets
+/// gemm use the rayon pool.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_strided<T: Real>(
     dst: &mut [T],
@@ -362,6 +380,7 @@ pub(crate) fn gemm_strided<T: Real>(
     lhs: (&[T], usize, usize),
     rhs: (&[T], usize, usize),
     accumulate: bool,
+    beta: T,
     threads: usize,
 ) {
     if rows == 0 || cols == 0 {
@@ -392,7 +411,7 @@ pub(crate) fn gemm_strided<T: Real>(
             rhs.2 as isize,
             rhs.1 as isize,
             T::from_f64(1.0),
-            T::from_f64(1.0),
+            beta,
             false,
             false,
             false,
@@ -1051,16 +1070,16 @@ impl Attention {
                 units.push((si, *s, *t, h, o, ph));
             }
         }
-        let scale = T::from_f64(self.scale);
+        let (scale, one) = (T::from_f64(self.scale), T::from_f64(1.0));
         par_units(units, |(si, s, t, h, o, p)| {
             let kv = h / group;
             let qh = &q[(h * total + s) * hd..][..t * hd];
             let (kh, vh) = (&k[(kv * total + s) * hd..][..t * hd], &v[(kv * total + s) * hd..][..t * hd]);
-            gemm_strided(p, t, t, t, hd, (qh, hd, 1), (kh, 1, hd), false, 1);
+            gemm_strided(p, t, t, t, hd, (qh, hd, 1), (kh, 1, hd), false, one, 1);
             for (row, m) in p.chunks_exact_mut(t).zip(masks[si].chunks_exact(t)) {
                 T::softmax_row(row, m, scale);
             }
-            gemm_strided(o, hd, t, hd, t, (p, t, 1), (vh, hd, 1), false, 1);
+            gemm_strided(o, hd, t, hd, t, (p, t, 1), (vh, hd, 1), false, one, 1);
         });
         let dev = self.q.device();
         let probs = segs
@@ -1133,7 +1152,7 @@ impl Attention {
                 units.push((si, *s, *t, kv, dqs, dks, dvs));
             }
         }
-        let scale = T::from_f64(self.scale);
+        let (scale, one) = (T::from_f64(self.scale), T::from_f64(1.0));
         par_units(units, |(si, s, t, kv, dqs, dks, dvs)| {
             let (kh, vh) = (&k[(kv * total + s) * hd..][..t * hd], &v[(kv * total + s) * hd..][..t * hd]);
             let mut ds = vec![zero; t * t];
@@ -1141,14 +1160,14 @@ impl Attention {
                 let h = kv * group + j;
                 let (qh, gh) = (&q[(h * total + s) * hd..][..t * hd], &g[(h * total + s) * hd..][..t * hd]);
                 let p = &ps[si][h * t * t..][..t * t];
-                gemm_strided(dvs, hd, t, hd, t, (p, 1, t), (gh, hd, 1), j > 0, 1);
-                gemm_strided(&mut ds, t, t, t, hd, (gh, hd, 1), (vh, 1, hd), false, 1);
+                gemm_strided(dvs, hd, t, hd, t, (p, 1, t), (gh, hd, 1), j > 0, one, 1);
+                gemm_strided(&mut ds, t, t, t, hd, (gh, hd, 1), (vh, 1, hd), false, one, 1);
                 for (row, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
                     let dot = row.iter().zip(pr).fold(zero, |a, (&d, &p)| a + d * p);
                     row.iter_mut().zip(pr).for_each(|(d, &p)| *d = p * (*d - dot) * scale);
                 }
-                gemm_strided(dqh, hd, t, hd, t, (&ds, t, 1), (kh, hd, 1), false, 1);
-                gemm_strided(dks, hd, t, hd, t, (&ds, 1, t), (qh, hd, 1), j > 0, 1);
+                gemm_strided(dqh, hd, t, hd, t, (&ds, t, 1), (kh, hd, 1), false, one, 1);
+                gemm_strided(dks, hd, t, hd, t, (&ds, 1, t), (qh, hd, 1), j > 0, one, 1);
             }
         });
         let dev = self.q.device();
