@@ -153,9 +153,9 @@ impl LoraLinear {
     }
 
     /// The CPU forward without intermediate tensors: the three matmuls the plain graph runs
-    /// (same gemm calls, so the same values), then bias and `scale·(x·Aᵀ)·Bᵀ` added into x·Wᵀ
-    /// in place, in the plain graph's order — no zero-filled temporaries and no copy of the result.
-    fn cpu_forward<T: candle_core::WithDType>(
+    /// (gemm, as candle's matmul does them), then bias
+    /// and `scale·(x·Aᵀ)·Bᵀ` added into x·Wᵀ in place, in the plain graph's order.
+    fn cpu_forward<T: Real>(
         &self,
         xs: &CpuStorage,
         xl: &Layout,
@@ -168,22 +168,22 @@ impl LoraLinear {
         if !(xl.is_contiguous() && al.is_contiguous() && bl.is_contiguous()) {
             candle_core::bail!("lora-linear needs contiguous inputs");
         }
-        // A contiguous (rows × cols) matrix, and the transposed view of one, as matmul operands.
-        let plain =
-            |rows: usize, cols: usize, l: &Layout| Layout::contiguous_with_offset((rows, cols), l.start_offset());
-        let tr = |rows: usize, cols: usize, l: &Layout| {
-            Layout::new(Shape::from((cols, rows)), vec![1, cols], l.start_offset())
-        };
-        let y = {
-            let (ws, wl) = self.w.storage_and_layout();
-            let Storage::Cpu(ws) = &*ws else { candle_core::bail!("lora-linear: weight not on the CPU") };
-            xs.matmul(ws, (1, m, n, k), &plain(m, k, xl), &tr(n, k, wl))?
-        };
-        let u = xs.matmul(a, (1, m, r, k), &plain(m, k, xl), &tr(r, k, al))?;
-        let d = u.matmul(b, (1, m, n, r), &Layout::contiguous((m, r)), &tr(n, r, bl))?;
-        let mut y = T::cpu_storage_data(y)?;
-        let d = T::cpu_storage_as_slice(&d)?;
-        let (mul, zero) = (T::from_f64(self.scale), T::from_f64(0.0));
+        fn elems<'s, T: Real>(s: &'s CpuStorage, l: &Layout, len: usize) -> CResult<&'s [T]> {
+            Ok(&T::cpu_storage_as_slice(s)?[l.start_offset()..][..len])
+        }
+        let (x, a, b) = (elems::<T>(xs, xl, m * k)?, elems::<T>(a, al, r * k)?, elems::<T>(b, bl, n * r)?);
+        let (ws, wl) = self.w.storage_and_layout();
+        let w = cpu_elems::<T>(&ws, wl, n * k, "lora-linear weight")?;
+        let threads = candle_core::utils::get_num_threads();
+        let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
+        let mut y = vec![zero; m * n];
+        gemm_strided(&mut y, n, m, n, k, (x, k, 1), (w, 1, k), false, one, threads);
+        let mut u = vec![zero; m * r];
+        gemm_strided(&mut u, r, m, r, k, (x, k, 1), (a, 1, k), false, one, threads);
+        let mut d = vec![zero; m * n];
+        gemm_strided(&mut d, n, m, n, r, (&u, r, 1), (b, 1, r), false, one, threads);
+        let d = &d[..];
+        let mul = T::from_f64(self.scale);
         let guard = self.bias.as_ref().map(|t| t.storage_and_layout());
         let bias = match &guard {
             Some((s, l)) => Some(cpu_elems::<T>(s, l, n, "lora-linear bias")?),
@@ -335,35 +335,19 @@ pub(crate) fn gemm_into<T: Real>(
     rhs_rs: usize,
     rhs_cs: usize,
 ) {
-    assert!(dst.len() >= rows * cols && lhs.len() >= rows * inner);
-    assert!(rhs.len() > (inner.max(1) - 1) * rhs_rs + (cols.max(1) - 1) * rhs_cs);
     let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices; the
-    // destination does not alias the operands (a unique borrow).
-    unsafe {
-        gemm::gemm(
-            rows,
-            cols,
-            inner,
-            dst.as_mut_ptr(),
-            1,
-            cols as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            inner as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::from_f64(0.0),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    gemm_strided(
+        dst,
+        cols,
+        rows,
+        cols,
+        inner,
+        (lhs, inner, 1),
+        (rhs, rhs_rs, rhs_cs),
+        false,
+        T::from_f64(1.0),
+        threads,
+    );
 }
 
 /// `dst (+)= beta · lhs · rhs` for a `rows × cols` block of `dst` with row stride `dst_rs`,
@@ -1593,6 +1577,28 @@ mod tests {
         let (a, b) = (run(DType::F64), run(DType::F32));
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "f64 {x} vs f32 {y}");
+        }
+    }
+
+    #[test]
+    fn gemm_strided_matches_the_naive_product_on_one_thread_and_two() {
+        // 300 × 7 = (300 × 9)·(9 × 7), rhs as a transposed view, with and without accumulation.
+        let lhs: Vec<f64> = (0..300 * 9).map(|i| ((i * 37 % 101) as f64 - 50.0) / 17.0).collect();
+        let rhs: Vec<f64> = (0..7 * 9).map(|i| ((i * 13 % 29) as f64 - 14.0) / 5.0).collect();
+        let naive: Vec<f64> =
+            (0..300 * 7).map(|e| (0..9).fold(0.0, |s, k| s + lhs[(e / 7) * 9 + k] * rhs[(e % 7) * 9 + k])).collect();
+        let run = |threads: usize, accumulate: bool| {
+            let mut dst = vec![1.0; 300 * 7];
+            gemm_strided(&mut dst, 7, 300, 7, 9, (&lhs, 9, 1), (&rhs, 1, 9), accumulate, 0.5, threads);
+            dst
+        };
+        for accumulate in [false, true] {
+            let (one, two) = (run(1, accumulate), run(2, accumulate));
+            assert_eq!(one, two, "the thread count changed the result");
+            for (d, n) in one.iter().zip(&naive) {
+                let want = if accumulate { 1.0 + 0.5 * n } else { 0.5 * n };
+                assert!((d - want).abs() < 1e-12, "{d} vs {want}");
+            }
         }
     }
 
