@@ -12,8 +12,9 @@
 //!   bit-identical). candle's backward allocates and accumulates a gradient for every node, so
 //!   collapsing each into one node halves the kept activations and the backward's element-wise
 //!   work;
-//!   On the CPU, attention's softmax and its backward are one in-place pass per row over scores
-//!   that gemm writes into one buffer per sequence ([`gemm_into`], [`par_rows`]);
+//!   On the CPU, attention runs as units of (sequence, head) on one thread each, gemm reading
+//!   q, k and v rows in place ([`gemm_strided`], [`par_units`]), softmax one pass per row; the
+//!   LoRA projection's backward is gemms into its own buffers;
 //! - plain differentiable tensor ops for norms, RoPE, softmax, log-softmax (the references of
 //!   the fused ops, and the plain-autograd baseline).
 //!
