@@ -169,10 +169,7 @@ impl LoraLinear {
         if !(xl.is_contiguous() && al.is_contiguous() && bl.is_contiguous()) {
             candle_core::bail!("lora-linear needs contiguous inputs");
         }
-        fn elems<'s, T: Real>(s: &'s CpuStorage, l: &Layout, len: usize) -> CResult<&'s [T]> {
-            Ok(&T::cpu_storage_as_slice(s)?[l.start_offset()..][..len])
-        }
-        let (x, a, b) = (elems::<T>(xs, xl, m * k)?, elems::<T>(a, al, r * k)?, elems::<T>(b, bl, n * r)?);
+        let (x, a, b) = (cpu_slice::<T>(xs, xl, m * k)?, cpu_slice::<T>(a, al, r * k)?, cpu_slice::<T>(b, bl, n * r)?);
         let (ws, wl) = self.w.storage_and_layout();
         let w = cpu_elems::<T>(&ws, wl, n * k, "lora-linear weight")?;
         let threads = candle_core::utils::get_num_threads();
@@ -318,9 +315,14 @@ pub(crate) fn cpu_elems<'s, T: candle_core::WithDType>(
     op: &str,
 ) -> CResult<&'s [T]> {
     match s {
-        Storage::Cpu(c) if l.is_contiguous() => Ok(&T::cpu_storage_as_slice(c)?[l.start_offset()..][..n]),
+        Storage::Cpu(c) if l.is_contiguous() => cpu_slice(c, l, n),
         _ => candle_core::bail!("{op}: needs contiguous CPU tensors"),
     }
+}
+
+/// The `n` elements of a CPU storage from its (contiguous) layout's offset, as `T`.
+fn cpu_slice<'s, T: candle_core::WithDType>(c: &'s CpuStorage, l: &Layout, n: usize) -> CResult<&'s [T]> {
+    Ok(&T::cpu_storage_as_slice(c)?[l.start_offset()..][..n])
 }
 
 /// `dst (rows × cols) = lhs (rows × inner) · rhs`, where `rhs` is given by its strides
@@ -1045,14 +1047,12 @@ impl Attention {
         let mut out = vec![T::from_f64(0.0); nh * total * hd];
         let mut probs: Vec<Vec<T>> = segs.iter().map(|(_, t, _)| vec![T::from_f64(0.0); nh * t * t]).collect();
         // Units (sequence, head): the head's rows of the output and its block of probabilities.
+        let lens: Vec<usize> = segs.iter().map(|(_, t, _)| *t).collect();
+        let mut out_rows = head_rows(&mut out, total, hd, &lens);
         let mut units = Vec::with_capacity(segs.len() * nh);
-        // What is left of each head's rows of the output, consumed sequence by sequence.
-        let mut rest: Vec<&mut [T]> = out.chunks_mut(total * hd).collect();
         for (si, ((s, t, _), p)) in segs.iter().zip(probs.iter_mut()).enumerate() {
-            for (h, (ph, oh)) in p.chunks_mut(t * t).zip(rest.iter_mut()).enumerate() {
-                let (o, tail) = std::mem::take(oh).split_at_mut(t * hd);
-                *oh = tail;
-                units.push((si, *s, *t, h, o, ph));
+            for (h, ph) in p.chunks_mut(t * t).enumerate() {
+                units.push((si, *s, *t, h, std::mem::take(&mut out_rows[h][si]), ph));
             }
         }
         let (scale, one) = (T::from_f64(self.scale), T::from_f64(1.0));
@@ -1104,29 +1104,10 @@ impl Attention {
         let zero = T::from_f64(0.0);
         let (mut dq, mut dk, mut dv) =
             (vec![zero; nh * total * hd], vec![zero; nkv * total * hd], vec![zero; nkv * total * hd]);
-        // Rows of one head of a (heads, total, hd) buffer, per sequence, in sequence order.
-        fn rows_of<'a, T>(
-            buf: &'a mut [T],
-            heads: usize,
-            total: usize,
-            hd: usize,
-            segs: &[(usize, usize, &Tensor)],
-        ) -> Vec<Vec<&'a mut [T]>> {
-            let mut per_head: Vec<Vec<&mut [T]>> = Vec::with_capacity(heads);
-            for mut head in buf.chunks_mut(total * hd) {
-                let mut parts = Vec::with_capacity(segs.len());
-                for (_, t, _) in segs {
-                    let (a, b) = std::mem::take(&mut head).split_at_mut(t * hd);
-                    parts.push(a);
-                    head = b;
-                }
-                per_head.push(parts);
-            }
-            per_head
-        }
-        let mut dq_rows = rows_of(&mut dq, nh, total, hd, &segs);
-        let mut dk_rows = rows_of(&mut dk, nkv, total, hd, &segs);
-        let mut dv_rows = rows_of(&mut dv, nkv, total, hd, &segs);
+        let lens: Vec<usize> = segs.iter().map(|(_, t, _)| *t).collect();
+        let mut dq_rows = head_rows(&mut dq, total, hd, &lens);
+        let mut dk_rows = head_rows(&mut dk, total, hd, &lens);
+        let mut dv_rows = head_rows(&mut dv, total, hd, &lens);
         let mut units = Vec::with_capacity(segs.len() * nkv);
         for (si, (s, t, _)) in segs.iter().enumerate() {
             for kv in 0..nkv {
@@ -1180,6 +1161,22 @@ impl Attention {
         *self.probs.lock().expect("attention probabilities poisoned") = Some(probs);
         cat_positions(outs)
     }
+}
+
+/// A (heads, total, hd) buffer cut into each head's rows of each packed sequence (`lens`
+/// positions each, in order): `[head][sequence]`, disjoint, for the attention units.
+fn head_rows<'a, T>(buf: &'a mut [T], total: usize, hd: usize, lens: &[usize]) -> Vec<Vec<&'a mut [T]>> {
+    buf.chunks_mut(total * hd)
+        .map(|mut head| {
+            lens.iter()
+                .map(|t| {
+                    let (rows, rest) = std::mem::take(&mut head).split_at_mut(t * hd);
+                    head = rest;
+                    rows
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Concatenates per-sequence (heads, t, d) tensors along the position axis.
