@@ -544,16 +544,26 @@ fn disconnect_cancels_and_connections_are_bounded() {
         .unwrap();
         std::thread::sleep(Duration::from_millis(300));
     }
+    // One that hangs up at once, before its request's thread has registered the request: the
+    // request cancels itself when it does.
+    {
+        let mut gone = Client::connect(&d.socket).unwrap();
+        gone.send_line(
+            &json!({"v": 1, "id": 1, "op": "generate", "prompt": "long", "n": 16, "sampling": {"max_tokens": 2048}})
+                .to_string(),
+        )
+        .unwrap();
+    }
     let t0 = Instant::now();
     let stats = loop {
         let s = ok(&c.call(json!({"op": "status"})).unwrap())["stats"].clone();
-        if s["running"] == json!(0) && s["waiting"] == json!(0) && s["requests"] == json!(1) {
+        if s["running"] == json!(0) && s["waiting"] == json!(0) && s["requests"] == json!(2) {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "the closed connection's request still runs: {s}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "a closed connection's request still runs: {s}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(stats["generated_tokens"].as_u64().unwrap() < 16 * 2048, "it was cancelled, not finished: {stats}");
+    assert!(stats["generated_tokens"].as_u64().unwrap() < 16 * 2048, "they were cancelled, not finished: {stats}");
     // A line left half-sent is closed after the idle timeout; waiting between lines is free.
     {
         use std::io::{BufRead, Write};

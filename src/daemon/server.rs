@@ -13,7 +13,7 @@ use crate::{Error, Result};
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -154,6 +154,9 @@ pub struct Shared {
     connections: AtomicUsize,
     /// Numbers connections (for cancelling a closed connection's requests).
     next_conn: AtomicU64,
+    /// Connections still open: a request that registers after its connection closed (its thread
+    /// was slower than the client's hang-up) cancels itself.
+    open: Mutex<HashSet<u64>>,
     /// Request threads that have not replied yet (shutdown waits for them).
     active: AtomicUsize,
     /// The serving engine's adapter file and scale (None: the base model).
@@ -219,9 +222,14 @@ impl Shared {
         let steps: Vec<StepConfig> = reqs.iter().map(|r| r.steps.clone()).collect();
         let handles: Vec<RequestHandle> = engine.submit_many(reqs)?;
         let key = id.to_string();
-        let cancellers = handles.iter().map(RequestHandle::canceller).collect();
+        let cancellers: Vec<Canceller> = handles.iter().map(RequestHandle::canceller).collect();
         if let Ok(mut r) = self.requests.lock() {
-            r.push(InFlight { uid, conn, key: key.clone(), cancellers });
+            r.push(InFlight { uid, conn, key: key.clone(), cancellers: cancellers.clone() });
+        }
+        // The connection leaves `open` before it cancels what is registered, so a request
+        // registered after that scan sees it gone here.
+        if self.open.lock().is_ok_and(|o| !o.contains(&conn)) {
+            cancellers.iter().for_each(Canceller::cancel);
         }
         let out: Result<Vec<_>> = handles.into_iter().map(RequestHandle::wait).collect();
         if let Ok(mut r) = self.requests.lock() {
@@ -725,6 +733,9 @@ fn read_line(
 
 fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut o) = shared.open.lock() {
+        o.insert(conn);
+    }
     let Ok(write_half) = stream.try_clone() else {
         shared.connections.fetch_sub(1, Ordering::Relaxed);
         return;
@@ -802,7 +813,11 @@ fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
             shared.active.fetch_sub(1, Ordering::SeqCst);
         });
     }
-    // The client is gone: nobody will read what its requests would produce.
+    // The client is gone: nobody will read what its requests would produce. Requests whose
+    // threads have not registered yet cancel themselves when they do (see `open`).
+    if let Ok(mut o) = shared.open.lock() {
+        o.remove(&conn);
+    }
     if let Ok(r) = shared.requests.lock() {
         for c in r.iter().filter(|f| f.conn == conn).flat_map(|f| &f.cancellers) {
             c.cancel();
@@ -834,6 +849,7 @@ pub fn serve(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
         shutdown: stop,
         connections: AtomicUsize::new(0),
         next_conn: AtomicU64::new(0),
+        open: Mutex::new(HashSet::new()),
         active: AtomicUsize::new(0),
         adapter: Mutex::new(None),
         next_id: AtomicU64::new(0),
