@@ -733,13 +733,13 @@ fn read_line(
 
 fn handle_connection(shared: Arc<Shared>, stream: UnixStream, uid: u32) {
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    if let Ok(mut o) = shared.open.lock() {
-        o.insert(conn);
-    }
     let Ok(write_half) = stream.try_clone() else {
         shared.connections.fetch_sub(1, Ordering::Relaxed);
         return;
     };
+    if let Ok(mut o) = shared.open.lock() {
+        o.insert(conn);
+    }
     let out = Writer { stream: Arc::new(Mutex::new(write_half)) };
     let inflight = Arc::new(AtomicUsize::new(0));
     let mut reader = BufReader::new(stream);
