@@ -32,6 +32,54 @@ pub struct Arm {
     pub runs: Vec<SeedRun>,
 }
 
+/// Where one arm's generated tokens went, summed over its runs.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tokens {
+    total: f64,
+    probes: f64,
+    trained: f64,
+    with_signal: f64,
+}
+
+impl Tokens {
+    fn of(a: &Arm) -> Self {
+        let mut t = Tokens::default();
+        for r in a.runs.iter().flat_map(|r| &r.rows) {
+            t.total += r.collect.total_tokens() as f64;
+            t.probes += r.collect.value_tokens as f64;
+            t.trained += r.collect.trained_tokens() as f64;
+            t.with_signal += (r.collect.total_tokens() - r.collect.zero_signal_tokens) as f64;
+        }
+        t
+    }
+
+    /// Probe (value-rollout) tokens as a share of all generated tokens.
+    fn probe_share(&self) -> Option<f64> {
+        (self.total > 0.0).then(|| self.probes / self.total)
+    }
+
+    /// Trained tokens as a share of the tokens outside zero-signal groups.
+    fn trained_share(&self) -> Option<f64> {
+        (self.with_signal > 0.0).then(|| self.trained / self.with_signal)
+    }
+}
+
+/// Two-sided exact sign test: the probability, under "either arm ahead with chance ½ on each
+/// seed", of a split at least as uneven as `ahead` : `behind` (ties are left out). 1 for no seeds.
+pub fn sign_test(ahead: usize, behind: usize) -> f64 {
+    let n = ahead + behind;
+    let k = ahead.min(behind);
+    // P(X ≤ k) for X ~ Binomial(n, ½), by the running binomial coefficient.
+    let (mut c, mut tail) = (1.0f64, 0.0f64);
+    for i in 0..=k {
+        if i > 0 {
+            c *= (n - i + 1) as f64 / i as f64;
+        }
+        tail += c;
+    }
+    (2.0 * tail / 2f64.powi(n as i32)).min(1.0)
+}
+
 /// Mean and 95% half-width (Student t over the values; NaN half-width for one value).
 pub fn mean_ci(xs: &[f64]) -> (f64, f64) {
     let n = xs.len();
@@ -157,9 +205,6 @@ pub fn table(arms: &[Arm]) -> String {
         };
         let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
         let total = sum(&|r| r.collect.total_tokens() as f64);
-        let probe = sum(&|r| r.collect.value_tokens as f64);
-        let trained = sum(&|r| r.collect.trained_tokens() as f64);
-        let signal = sum(&|r| (r.collect.total_tokens() - r.collect.zero_signal_tokens) as f64);
         let probes = sum(&|r| r.collect.probes as f64);
         let analysed = sum(&|r| r.collect.analysed as f64);
         let seqs = sum(&|r| r.train_sequences as f64);
@@ -178,14 +223,15 @@ pub fn table(arms: &[Arm]) -> String {
             };
             let _ = write!(s, " {}{each} |", pct(mean_ci(&v)));
         }
-        let ratio = |x: f64, y: f64| if y > 0.0 { format!("{:.0}%", 100.0 * x / y) } else { "–".into() };
+        let share = |x: Option<f64>| x.map_or("–".into(), |x| format!("{:.0}%", 100.0 * x));
+        let tokens = Tokens::of(a);
         let _ = writeln!(
             s,
             " {:.0} | {:.0} | {} | {} | {:.0} | {} | {:.0} |",
-            mean(total.clone()),
+            mean(total),
             mean(prompts),
-            ratio(probe.iter().sum(), total.iter().sum()),
-            ratio(trained.iter().sum(), signal.iter().sum()),
+            share(tokens.probe_share()),
+            share(tokens.trained_share()),
             mean(seqs),
             if analysed.iter().sum::<f64>() > 0.0 {
                 format!("{:.1}", probes.iter().sum::<f64>() / analysed.iter().sum::<f64>())
@@ -196,10 +242,7 @@ pub fn table(arms: &[Arm]) -> String {
         );
     }
     if let Some(&last) = evals.last().filter(|&&l| l > 0) {
-        let finals: Vec<(&str, (f64, f64))> = arms
-            .iter()
-            .map(|a| (a.name.as_str(), mean_ci(&a.runs.iter().map(|r| r.heldout[&last]).collect::<Vec<_>>())))
-            .collect();
+        let finals = finals(arms, last);
         if let Some(best) = finals.iter().max_by(|x, y| x.1 .0.total_cmp(&y.1 .0)) {
             let overlap: Vec<&str> = finals
                 .iter()
@@ -224,6 +267,13 @@ pub fn table(arms: &[Arm]) -> String {
     s
 }
 
+/// Each arm's mean held-out accuracy after `last` iterations with its 95% half-width.
+fn finals(arms: &[Arm], last: usize) -> Vec<(&str, (f64, f64))> {
+    arms.iter()
+        .map(|a| (a.name.as_str(), mean_ci(&a.runs.iter().map(|r| r.heldout[&last]).collect::<Vec<_>>())))
+        .collect()
+}
+
 /// `gpo` against every other arm on the seeds both ran, after `last` iterations: the mean of
 /// the per-seed differences (`gpo` − arm, in points) with its 95% t-interval, and how many seeds
 /// each side won. A run's seed fixes its tasks and sampling, so pairing by seed removes the
@@ -233,27 +283,20 @@ pub fn paired(arms: &[Arm], last: usize) -> Option<String> {
     let gpo = arms.iter().find(|a| a.name == "gpo")?;
     let mut parts = Vec::new();
     for a in arms.iter().filter(|a| a.name != "gpo") {
-        let diffs: Vec<f64> = gpo
-            .runs
-            .iter()
-            .filter_map(|g| {
-                let other = a.runs.iter().find(|r| r.seed == g.seed)?;
-                Some(g.heldout.get(&last)? - other.heldout.get(&last)?)
-            })
-            .collect();
+        let diffs = paired_diffs(gpo, a, last);
         if diffs.is_empty() {
             continue;
         }
         let (m, h) = mean_ci(&diffs);
-        let ahead = diffs.iter().filter(|&&d| d > 0.0).count();
-        let behind = diffs.iter().filter(|&&d| d < 0.0).count();
+        let (ahead, behind) = wins(&diffs);
         let interval = if h.is_nan() { String::new() } else { format!(" ± {:.0}", 100.0 * h) };
         parts.push(format!(
-            "`{}` {:+.0}{interval} points ({} seed{}: ahead on {ahead}, behind on {behind})",
+            "`{}` {:+.0}{interval} points ({} seed{}: ahead on {ahead}, behind on {behind}; sign test p = {:.2})",
             a.name,
             100.0 * m,
             diffs.len(),
-            if diffs.len() == 1 { "" } else { "s" }
+            if diffs.len() == 1 { "" } else { "s" },
+            sign_test(ahead, behind)
         ));
     }
     if parts.is_empty() {
@@ -263,6 +306,91 @@ pub fn paired(arms: &[Arm], last: usize) -> Option<String> {
         "\n`gpo` minus each arm on the seeds both ran, after {last} iterations (paired by seed, 95% interval): {}.\n",
         parts.join("; ")
     ))
+}
+
+/// `gpo`'s held-out accuracy minus `other`'s after `last` iterations, on each seed both ran.
+fn paired_diffs(gpo: &Arm, other: &Arm, last: usize) -> Vec<f64> {
+    gpo.runs
+        .iter()
+        .filter_map(|g| {
+            let o = other.runs.iter().find(|r| r.seed == g.seed)?;
+            Some(g.heldout.get(&last)? - o.heldout.get(&last)?)
+        })
+        .collect()
+}
+
+/// Seeds on which `gpo` finished ahead and behind (ties count as neither).
+fn wins(diffs: &[f64]) -> (usize, usize) {
+    (diffs.iter().filter(|&&d| d > 0.0).count(), diffs.iter().filter(|&&d| d < 0.0).count())
+}
+
+/// The issue's target, checked from the runs: per setting, the arm with the highest mean
+/// held-out accuracy at the last common evaluation, `gpo`'s share of trained tokens (≥ 90% of
+/// those with a signal) and of probe tokens (≤ 35% of all), and which arms a 95% interval
+/// separates from `gpo` (unpaired and paired). Then, for each arm that ran on every setting, the
+/// paired seeds of all settings pooled into one sign test. None without a `gpo` arm anywhere.
+pub fn target(settings: &BTreeMap<String, Vec<Arm>>) -> Option<String> {
+    let mut s = String::from(
+        "| setting | highest mean after the last evaluation | `gpo` trained / tokens with a signal (target ≥ 90%) | `gpo` probe share (target ≤ 35%) | separated from `gpo` by a 95% interval |\n|---|---|---|---|---|\n",
+    );
+    let mut pooled: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
+    for (setting, arms) in settings {
+        let Some(gpo) = arms.iter().find(|a| a.name == "gpo") else { continue };
+        let Some(&last) = common_evals(arms).last().filter(|&&l| l > 0) else { continue };
+        let finals = finals(arms, last);
+        let Some(best) = finals.iter().max_by(|x, y| x.1 .0.total_cmp(&y.1 .0)) else { continue };
+        let g = mean_ci(&gpo.runs.iter().map(|r| r.heldout[&last]).collect::<Vec<_>>());
+        let mut separated = Vec::new();
+        for (a, f) in arms.iter().zip(&finals).filter(|(a, _)| a.name != "gpo") {
+            let apart =
+                !g.1.is_nan() && !f.1 .1.is_nan() && (g.0 - g.1 > f.1 .0 + f.1 .1 || f.1 .0 - f.1 .1 > g.0 + g.1);
+            let diffs = paired_diffs(gpo, a, last);
+            let (m, h) = mean_ci(&diffs);
+            let paired_apart = !h.is_nan() && (m - h > 0.0 || m + h < 0.0);
+            match (apart, paired_apart) {
+                (true, _) => separated.push(format!("`{}`", a.name)),
+                (false, true) => separated.push(format!("`{}` (paired only)", a.name)),
+                _ => {}
+            }
+            let (ahead, behind) = wins(&diffs);
+            let e = pooled.entry(a.name.as_str()).or_default();
+            *e = (e.0 + ahead, e.1 + behind, e.2 + 1);
+        }
+        let t = Tokens::of(gpo);
+        let check = |x: Option<f64>, ok: fn(f64) -> bool| {
+            x.map_or("–".into(), |x| format!("{:.0}% ({})", 100.0 * x, if ok(x) { "met" } else { "not met" }))
+        };
+        let _ = writeln!(
+            s,
+            "| {setting} | `{}` {}{} after {last} | {} | {} | {} |",
+            best.0,
+            pct(best.1),
+            if best.0 == "gpo" { String::new() } else { format!(" (`gpo` {})", pct(g)) },
+            check(t.trained_share(), |x| x >= 0.90),
+            check(t.probe_share(), |x| x <= 0.35),
+            if separated.is_empty() { "none".to_string() } else { separated.join(", ") },
+        );
+    }
+    let reported = settings.values().filter(|arms| arms.iter().any(|a| a.name == "gpo")).count();
+    if reported == 0 {
+        return None;
+    }
+    let all: Vec<String> = pooled
+        .iter()
+        .filter(|(_, &(_, _, n))| n == reported && reported > 1)
+        .map(|(name, &(ahead, behind, _))| {
+            format!("`{name}` ahead on {ahead}, behind on {behind} (sign test p = {:.2})", sign_test(ahead, behind))
+        })
+        .collect();
+    if !all.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n{} pooled, paired by seed at each setting's last evaluation, `gpo` against: {}.",
+            if reported == 2 { "Both settings".to_string() } else { format!("All {reported} settings") },
+            all.join("; ")
+        );
+    }
+    Some(s)
 }
 
 /// The paper's framing for one setting: every other arm compared with `gpo` at (about) equal
@@ -378,22 +506,26 @@ pub fn report(dir: &Path, readme: Option<&Path>, plots: &Path) -> Result<Vec<Str
         Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?),
         None => None,
     };
+    let mut parts = Vec::new();
     for (setting, arms) in &settings {
         let out = plots.join(format!("experiment-{setting}.svg"));
         std::fs::write(&out, plot(setting, arms)?).map_err(|e| Error::io(&out, e))?;
-        let mut parts = vec![(setting.clone(), table(arms))];
+        parts.push((setting.clone(), table(arms)));
         if let Some(p) = paper_table(arms) {
             parts.push((format!("{setting}-paper"), p));
         }
-        for (name, t) in parts {
-            match doc.as_mut() {
-                Some(d) => {
-                    *d = splice(d, &name, &t).ok_or_else(|| {
-                        Error::invalid("readme", format!("no <!-- report:{name} --> … <!-- /report:{name} --> markers"))
-                    })?;
-                }
-                None => println!("## {name}\n\n{t}"),
+    }
+    if let Some(t) = target(&settings) {
+        parts.push(("target".into(), t));
+    }
+    for (name, t) in parts {
+        match doc.as_mut() {
+            Some(d) => {
+                *d = splice(d, &name, &t).ok_or_else(|| {
+                    Error::invalid("readme", format!("no <!-- report:{name} --> … <!-- /report:{name} --> markers"))
+                })?;
             }
+            None => println!("## {name}\n\n{t}"),
         }
     }
     if let (Some(p), Some(d)) = (readme, doc) {
@@ -466,9 +598,51 @@ mod tests {
             arm("short", 1, 1, &[&[0.0, 0.25]]),
         ];
         let line = paired(&arms, 2).unwrap();
-        assert!(line.contains("`grpo` -10 ± 90 points (3 seeds: ahead on 1, behind on 2)"), "{line}");
-        assert!(line.contains("`short` +25 points (1 seed: ahead on 1, behind on 0)"), "{line}");
+        assert!(
+            line.contains("`grpo` -10 ± 90 points (3 seeds: ahead on 1, behind on 2; sign test p = 1.00)"),
+            "{line}"
+        );
+        assert!(line.contains("`short` +25 points (1 seed: ahead on 1, behind on 0; sign test p = 1.00)"), "{line}");
         assert!(table(&arms).contains(&line), "the table carries the paired line");
         assert!(paired(&arms[1..], 2).is_none(), "no gpo arm");
+    }
+
+    #[test]
+    fn sign_test_matches_the_binomial_tail() {
+        // 6 : 2 → 2 · (1 + 8 + 28) / 2⁸; 10 : 3 → 2 · (1 + 13 + 78 + 286) / 2¹³; 4 : 4 → capped at 1.
+        assert!((sign_test(6, 2) - 74.0 / 256.0).abs() < 1e-12);
+        assert!((sign_test(3, 10) - 756.0 / 8192.0).abs() < 1e-12, "symmetric");
+        assert_eq!(sign_test(4, 4), 1.0);
+        assert_eq!(sign_test(0, 0), 1.0);
+        assert!((sign_test(5, 0) - 2.0 / 32.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_target_block_checks_every_setting_and_pools_the_seeds() {
+        // Setting a: gpo 0.8, 0.9, 0.85 vs grpo 0.1, 0.2, 0.15 (separated); setting b: gpo 0.2,
+        // 0.3 vs grpo 0.5, 0.6 (grpo highest, gpo behind on both). `other` ran on a only, so it is
+        // not pooled. Every row generates 100 root tokens and trains them all: 100%, 0% probes.
+        let a = vec![
+            arm("gpo", 1, 100, &[&[0.8], &[0.9], &[0.85]]),
+            arm("grpo", 1, 100, &[&[0.1], &[0.2], &[0.15]]),
+            arm("other", 1, 100, &[&[0.5]]),
+        ];
+        let b = vec![arm("gpo", 1, 100, &[&[0.2], &[0.3]]), arm("grpo", 1, 100, &[&[0.5], &[0.6]])];
+        let mut settings = BTreeMap::from([("a".to_string(), a), ("b".to_string(), b)]);
+        for r in settings.values_mut().flatten().flat_map(|a| a.runs.iter_mut()).flat_map(|r| r.rows.iter_mut()) {
+            r.collect.trained_root_tokens = r.collect.root_tokens;
+        }
+        let t = target(&settings).unwrap();
+        assert!(t.contains("| a | `gpo` 85 ± 12% after 1 | 100% (met) | 0% (met) | `grpo` |"), "{t}");
+        assert!(
+            t.contains(
+                "| b | `grpo` 55 ± 64% (`gpo` 25 ± 64%) after 1 | 100% (met) | 0% (met) | `grpo` (paired only) |"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("`grpo` ahead on 3, behind on 2 (sign test p = 1.00)"), "{t}");
+        assert!(!t.contains("`other` ahead"), "an arm missing from a setting is not pooled: {t}");
+        settings.values_mut().for_each(|arms| arms.retain(|a| a.name != "gpo"));
+        assert!(target(&settings).is_none(), "no gpo arm");
     }
 }
