@@ -168,3 +168,43 @@ fn info_says_what_the_engine_chose_and_why() {
     let (ok, _, stderr) = gpo(&["info", "--model", m, "--sampling", "gpu"]);
     assert!(!ok && stderr.contains("not one of auto, graph, host"), "{stderr}");
 }
+
+/// The README's experiment tables, target block and plots are exactly what `gpo report`
+/// regenerates from the committed metrics under docs/experiment/: a hand edit of a number, or
+/// new runs committed without their report, fails here.
+#[test]
+fn the_readme_experiment_section_is_what_gpo_report_regenerates() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = scratch("report-check");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let readme = dir.join("README.md");
+    std::fs::copy(root.join("README.md"), &readme).unwrap();
+    let (ok, _, stderr) = gpo(&[
+        "report",
+        "--dir",
+        root.join("docs/experiment").to_str().unwrap(),
+        "--readme",
+        readme.to_str().unwrap(),
+        "--plots",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let committed = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let regenerated = std::fs::read_to_string(&readme).unwrap();
+    if committed != regenerated {
+        let first = committed.lines().zip(regenerated.lines()).position(|(a, b)| a != b).map(|i| i + 1);
+        panic!(
+            "README.md differs from `gpo report --dir docs/experiment --readme README.md --plots docs` \
+             (first differing line: {first:?}); run that command and commit its output"
+        );
+    }
+    for setting in ["one-step", "two-step"] {
+        let name = format!("experiment-{setting}.svg");
+        assert_eq!(
+            std::fs::read(root.join("docs").join(&name)).unwrap(),
+            std::fs::read(dir.join(&name)).unwrap(),
+            "docs/{name} differs from what gpo report draws"
+        );
+    }
+}
