@@ -183,8 +183,9 @@ pub struct ValueSection {
     pub adaptive_tol: f64,
     /// The most of an iteration's token budget (`rollout.budget_tokens`) that probes and resets
     /// may spend, in (0, 1]. Once it is spent, the iteration's remaining waves sample roots
-    /// only, so analyses never crowd out prompts. Default 0.35 (the probe limit; chosen
-    /// by the README experiment over 1 = no cap); no effect without a token budget.
+    /// only, so analyses never crowd out prompts. Default 0.35 (the probe limit; kept
+    /// over 1 = no cap for that limit and breadth, not accuracy: see the README experiment); no
+    /// effect without a token budget.
     pub share: f64,
 }
 
