@@ -328,12 +328,14 @@ fn wins(diffs: &[f64]) -> (usize, usize) {
 /// held-out accuracy at the last common evaluation, `gpo`'s share of trained tokens (≥ 90% of
 /// those with a signal) and of probe tokens (≤ 35% of all), and which arms a 95% interval
 /// separates from `gpo` (unpaired and paired). Then, for each arm that ran on every setting, the
-/// paired seeds of all settings pooled into one sign test. None without a `gpo` arm anywhere.
+/// paired seeds of all settings pooled into one sign test, and what each paired comparison can
+/// resolve at its spread so far. None without a `gpo` arm anywhere.
 pub fn target(settings: &BTreeMap<String, Vec<Arm>>) -> Option<String> {
     let mut s = String::from(
         "| setting | highest mean after the last evaluation | `gpo` trained / tokens with a signal (target ≥ 90%) | `gpo` probe share (target ≤ 35%) | separated from `gpo` by a 95% interval |\n|---|---|---|---|---|\n",
     );
     let mut pooled: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
+    let mut resolution = Vec::new();
     for (setting, arms) in settings {
         let Some(gpo) = arms.iter().find(|a| a.name == "gpo") else { continue };
         let Some(&last) = common_evals(arms).last().filter(|&&l| l > 0) else { continue };
@@ -355,6 +357,16 @@ pub fn target(settings: &BTreeMap<String, Vec<Arm>>) -> Option<String> {
             let (ahead, behind) = wins(&diffs);
             let e = pooled.entry(a.name.as_str()).or_default();
             *e = (e.0 + ahead, e.1 + behind, e.2 + 1);
+            if let Some(r) = Resolution::of(&diffs) {
+                resolution.push(format!(
+                    "| {setting} | `{}` | {} | {:.0} | {:.0} | {:.0} |",
+                    a.name,
+                    diffs.len(),
+                    100.0 * r.sd,
+                    100.0 * r.detectable,
+                    r.seeds_for(0.05)
+                ));
+            }
         }
         let t = Tokens::of(gpo);
         let check = |x: Option<f64>, ok: fn(f64) -> bool| {
@@ -390,7 +402,47 @@ pub fn target(settings: &BTreeMap<String, Vec<Arm>>) -> Option<String> {
             all.join("; ")
         );
     }
+    if !resolution.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nWhat the paired comparisons can resolve (80% power, two-sided 5%, normal approximation, at \
+             the spread of `gpo` − arm over the seeds run so far; in points):\n\n\
+             | setting | arm | paired seeds | SD of the differences | smallest difference detectable now | seeds to detect 5 points |\n\
+             |---|---|---|---|---|---|\n{}",
+            resolution.join("\n")
+        );
+    }
     Some(s)
+}
+
+/// What a paired comparison can tell apart: the standard deviation of the per-seed differences
+/// and the smallest mean difference those seeds detect with 80% power in a two-sided test at 5%
+/// (normal approximation: (z₀.₉₇₅ + z₀.₈) · SD / √n).
+#[derive(Debug, Clone, Copy)]
+struct Resolution {
+    sd: f64,
+    detectable: f64,
+}
+
+/// z₀.₉₇₅ + z₀.₈₀.
+const Z_POWER: f64 = 1.959_964 + 0.841_621;
+
+impl Resolution {
+    /// None for fewer than three differences (no useful spread).
+    fn of(diffs: &[f64]) -> Option<Self> {
+        let n = diffs.len();
+        if n < 3 {
+            return None;
+        }
+        let mean = diffs.iter().sum::<f64>() / n as f64;
+        let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+        Some(Self { sd, detectable: Z_POWER * sd / (n as f64).sqrt() })
+    }
+
+    /// Paired seeds needed to detect a mean difference of `delta` at the same spread.
+    fn seeds_for(&self, delta: f64) -> f64 {
+        (Z_POWER * self.sd / delta).powi(2).ceil()
+    }
 }
 
 /// The paper's framing for one setting: every other arm compared with `gpo` at (about) equal
@@ -618,6 +670,17 @@ mod tests {
     }
 
     #[test]
+    fn resolution_is_the_normal_power_formula() {
+        // Differences 0.1, 0.3, 0.2, 0.4: SD = √(0.05 / 3) = 0.12910; detectable with 4 seeds:
+        // 2.80159 · 0.12910 / 2 = 0.18084; for 0.05: (2.80159 · 0.12910 / 0.05)² = 52.3 → 53.
+        let r = Resolution::of(&[0.1, 0.3, 0.2, 0.4]).unwrap();
+        assert!((r.sd - (0.05f64 / 3.0).sqrt()).abs() < 1e-12, "{r:?}");
+        assert!((r.detectable - 0.18084).abs() < 1e-4, "{r:?}");
+        assert_eq!(r.seeds_for(0.05), 53.0);
+        assert!(Resolution::of(&[0.1, 0.2]).is_none(), "two differences: no useful spread");
+    }
+
+    #[test]
     fn the_target_block_checks_every_setting_and_pools_the_seeds() {
         // Setting a: gpo 0.8, 0.9, 0.85 vs grpo 0.1, 0.2, 0.15 (separated); setting b: gpo 0.2,
         // 0.3 vs grpo 0.5, 0.6 (grpo highest, gpo behind on both). `other` ran on a only, so it is
@@ -642,6 +705,9 @@ mod tests {
         );
         assert!(t.contains("`grpo` ahead on 3, behind on 2 (sign test p = 1.00)"), "{t}");
         assert!(!t.contains("`other` ahead"), "an arm missing from a setting is not pooled: {t}");
+        assert!(t.contains("What the paired comparisons can resolve"), "{t}");
+        assert!(t.contains("| a | `grpo` | 3 | 0 | 0 |"), "three equal differences: {t}");
+        assert!(!t.contains("| b | `grpo` |"), "two seeds give no resolution: {t}");
         settings.values_mut().for_each(|arms| arms.retain(|a| a.name != "gpo"));
         assert!(target(&settings).is_none(), "no gpo arm");
     }
