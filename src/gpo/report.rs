@@ -80,21 +80,27 @@ pub fn sign_test(ahead: usize, behind: usize) -> f64 {
     (2.0 * tail / 2f64.powi(n as i32)).min(1.0)
 }
 
+/// Mean and sample standard deviation (NaN for no values; NaN deviation for one value).
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len();
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, f64::NAN);
+    }
+    (mean, (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt())
+}
+
 /// Mean and 95% half-width (Student t over the values; NaN half-width for one value).
 pub fn mean_ci(xs: &[f64]) -> (f64, f64) {
     let n = xs.len();
-    if n == 0 {
-        return (f64::NAN, f64::NAN);
-    }
-    let mean = xs.iter().sum::<f64>() / n as f64;
-    if n == 1 {
+    let (mean, sd) = mean_sd(xs);
+    if n < 2 {
         return (mean, f64::NAN);
     }
-    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
     // t quantiles (0.975) for 1 … 10 degrees of freedom; the normal one beyond.
     const T: [f64; 10] = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228];
     let t = T.get(n - 2).copied().unwrap_or(1.96);
-    (mean, t * (var / n as f64).sqrt())
+    (mean, t * sd / (n as f64).sqrt())
 }
 
 fn dirs(p: &Path) -> Result<Vec<PathBuf>> {
@@ -434,8 +440,7 @@ impl Resolution {
         if n < 3 {
             return None;
         }
-        let mean = diffs.iter().sum::<f64>() / n as f64;
-        let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+        let (_, sd) = mean_sd(diffs);
         Some(Self { sd, detectable: Z_POWER * sd / (n as f64).sqrt() })
     }
 
