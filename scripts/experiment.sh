@@ -19,7 +19,7 @@ if [ -z "${GPO_BIN:-}" ]; then
 fi
 
 plan() { # setting|seeds|arms, in order of importance: every arm of a seed before the next seed
-  echo "one-step|${SEEDS:-1 2 3 4 5 6 7 8 9 10 11 12}|gpo grpo random-reset gpo-uncapped"
+  echo "one-step|${SEEDS:-1 2 3 4 5 6 7 8 9 10 11 12 13}|gpo grpo random-reset gpo-uncapped"
   echo "one-step|${SEEDS:-1 2 3}|gpo-paper"
   echo "one-step|${SEEDS:-1}|gpo-root-term"
   echo "two-step|${SEEDS_HARD:-1 2 3 4 5 6 7 8 9 10}|gpo grpo random-reset gpo-uncapped"
