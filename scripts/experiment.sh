@@ -22,7 +22,7 @@ plan() { # setting|seeds|arms, in order of importance: every arm of a seed befor
   echo "one-step|${SEEDS:-1 2 3 4 5 6 7 8 9 10 11 12 13}|gpo grpo random-reset gpo-uncapped"
   echo "one-step|${SEEDS:-1 2 3}|gpo-paper"
   echo "one-step|${SEEDS:-1}|gpo-root-term"
-  echo "two-step|${SEEDS_HARD:-1 2 3 4 5 6 7 8 9 10}|gpo grpo random-reset gpo-uncapped"
+  echo "two-step|${SEEDS_HARD:-1 2 3 4 5 6 7 8 9 10 11}|gpo grpo random-reset gpo-uncapped"
 }
 
 if [ "${1:-}" != "--report" ]; then
