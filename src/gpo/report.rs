@@ -369,7 +369,7 @@ pub fn target(settings: &BTreeMap<String, Vec<Arm>>) -> Option<String> {
                     a.name,
                     diffs.len(),
                     100.0 * r.sd,
-                    100.0 * r.detectable,
+                    100.0 * r.detectable(),
                     r.seeds_for(0.05)
                 ));
             }
@@ -421,13 +421,15 @@ pub fn target(settings: &BTreeMap<String, Vec<Arm>>) -> Option<String> {
     Some(s)
 }
 
-/// What a paired comparison can tell apart: the standard deviation of the per-seed differences
-/// and the smallest mean difference those seeds detect with 80% power in a two-sided test at 5%
-/// (normal approximation: (z₀.₉₇₅ + z₀.₈) · SD / √n).
+/// What a paired comparison can tell apart, from the spread of its per-seed differences: the
+/// smallest mean difference its seeds detect with 80% power in a two-sided test at 5%, and the
+/// seeds another difference would need (normal approximation).
 #[derive(Debug, Clone, Copy)]
 struct Resolution {
+    /// Standard deviation of the per-seed differences.
     sd: f64,
-    detectable: f64,
+    /// Paired seeds.
+    n: usize,
 }
 
 /// z₀.₉₇₅ + z₀.₈₀.
@@ -436,12 +438,12 @@ const Z_POWER: f64 = 1.959_964 + 0.841_621;
 impl Resolution {
     /// None for fewer than three differences (no useful spread).
     fn of(diffs: &[f64]) -> Option<Self> {
-        let n = diffs.len();
-        if n < 3 {
-            return None;
-        }
-        let (_, sd) = mean_sd(diffs);
-        Some(Self { sd, detectable: Z_POWER * sd / (n as f64).sqrt() })
+        (diffs.len() >= 3).then(|| Self { sd: mean_sd(diffs).1, n: diffs.len() })
+    }
+
+    /// The smallest mean difference these seeds detect: (z₀.₉₇₅ + z₀.₈) · SD / √n.
+    fn detectable(&self) -> f64 {
+        Z_POWER * self.sd / (self.n as f64).sqrt()
     }
 
     /// Paired seeds needed to detect a mean difference of `delta` at the same spread.
@@ -680,7 +682,7 @@ mod tests {
         // 2.80159 · 0.12910 / 2 = 0.18084; for 0.05: (2.80159 · 0.12910 / 0.05)² = 52.3 → 53.
         let r = Resolution::of(&[0.1, 0.3, 0.2, 0.4]).unwrap();
         assert!((r.sd - (0.05f64 / 3.0).sqrt()).abs() < 1e-12, "{r:?}");
-        assert!((r.detectable - 0.18084).abs() < 1e-4, "{r:?}");
+        assert!((r.detectable() - 0.18084).abs() < 1e-4, "{r:?}");
         assert_eq!(r.seeds_for(0.05), 53.0);
         assert!(Resolution::of(&[0.1, 0.2]).is_none(), "two differences: no useful spread");
     }
